@@ -1,0 +1,100 @@
+"""What the force-encoding backbones share: build the DeNS embedding of a batch and add it to
+the initial node embeddings (Eq. 5) without copying the parent's forward.
+
+The parent's forward builds the initial node embedding as ``x = atom embedding + edge-degree
+embedding``. A forward hook on the module that makes the second summand adds the DeNS embedding to
+its output, so the sum becomes ``x + x_f`` — "we simply add the force embeddings to initial node
+embeddings" (§3.2.2) — while the parent's code and state-dict keys stay untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from fairchem.core.common import gp_utils
+from torch import nn
+
+from fairchem_dens import keys
+from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
+
+
+class DeNSEncodingMixin:
+    """Mixin for an ``nn.Module`` backbone whose initial embedding is an ``SO3_Embedding``."""
+
+    force_encoding: ForceEncoding | None
+    sigma_encoding: SigmaEncoding | None
+
+    def init_dens_encoding(
+        self,
+        lmax_list: list[int],
+        channels: int,
+        initial_embedding: nn.Module,
+        use_force_encoding: bool,
+        use_sigma_encoding: bool,
+    ) -> None:
+        """Create the encoders and hook them onto ``initial_embedding``'s output.
+
+        Args:
+            lmax_list: the backbone's ``lmax_list`` (one resolution supported).
+            channels: channels per coefficient of the node embedding.
+            initial_embedding: module whose ``SO3_Embedding`` output the parent adds to the atom
+                embedding (EquiformerV2: ``edge_degree_embedding``; eSCN: the first layer's input).
+            use_force_encoding: Eq. 5 on (False: Table 1e idx 2, no force encoding).
+            use_sigma_encoding: σ encoding on (Table 1e idx 5).
+        """
+        if len(lmax_list) != 1:
+            raise ValueError(
+                f"DeNS force encoding supports one resolution, got lmax_list={lmax_list}"
+            )
+        for name, value in (
+            ("use_force_encoding", use_force_encoding),
+            ("use_sigma_encoding", use_sigma_encoding),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"model.backbone.{name}={value!r}: must be true or false")
+        self.use_force_encoding = use_force_encoding
+        self.use_sigma_encoding = use_sigma_encoding
+        self.force_encoding = ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
+        self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
+        self._dens_embedding: torch.Tensor | None = None
+        initial_embedding.register_forward_hook(self._add_dens_embedding)
+
+    def dens_embedding(self, data: Any) -> torch.Tensor | None:
+        """(n_atoms, (Lmax+1)², C) DeNS embedding of a batch, or None when it has no DeNS fields
+        (evaluation, predict, relaxation, original-task-only data) or encodes nothing."""
+        if keys.DENS_FORCE_INPUT not in data:
+            return None
+        embedding = None
+        if self.force_encoding is not None:
+            embedding = self.force_encoding(data[keys.DENS_FORCE_INPUT])  # Eq. 5
+        if self.sigma_encoding is not None:
+            batch = data.batch
+            if batch is None:
+                batch = torch.zeros(data.pos.shape[0], dtype=torch.long, device=data.pos.device)
+            sigma = self.sigma_encoding(data[keys.DENS_SIGMA][batch])  # (n_atoms, C)
+            if embedding is None:
+                embedding = sigma.new_zeros(
+                    sigma.shape[0], (self.lmax_list[0] + 1) ** 2, sigma.shape[1]
+                )
+            embedding = torch.cat([embedding[:, :1] + sigma.unsqueeze(1), embedding[:, 1:]], 1)
+        return embedding
+
+    @contextlib.contextmanager
+    def dens_encoding(self, data: Any) -> Iterator[None]:
+        """Within the block, the hooked module's output receives the batch's DeNS embedding."""
+        embedding = self.dens_embedding(data)
+        if embedding is not None and gp_utils.initialized():
+            raise NotImplementedError("DeNS force encoding does not support graph parallelism")
+        self._dens_embedding = embedding
+        try:
+            yield
+        finally:
+            self._dens_embedding = None
+
+    def _add_dens_embedding(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if self._dens_embedding is not None:
+            output.embedding = output.embedding + self._dens_embedding.to(output.embedding.dtype)
+        return output
