@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from fairchem.core.common.registry import registry
-from fairchem.core.datasets import LmdbDataset, OC22LmdbDataset
+from fairchem.core.datasets.lmdb_dataset import LmdbDataset
+from fairchem.core.datasets.oc22_lmdb_dataset import OC22LmdbDataset
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig

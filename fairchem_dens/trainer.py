@@ -31,13 +31,14 @@ import logging
 from typing import Any
 
 import torch
+from torch_geometric.data import Batch
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
-from fairchem_dens.datasets import find_dens_dataset
+from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
 from fairchem_dens.noise import Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
@@ -55,6 +56,23 @@ def _loss_per_row(fn: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor,
     """Elementwise fairchem loss reduced to one value per row (atom or structure): (rows,)."""
     loss = fn(pred, target, natoms)
     return loss.reshape(pred.shape[0], -1).mean(-1)
+
+
+def check_train_format(dataset: Any) -> None:
+    """Raise unless ``dataset.train.format`` names a DeNS dataset class."""
+    train = (dataset.get("train") or {}) if isinstance(dataset, dict) else {}
+    found = train.get("format", "lmdb")
+    if "src" not in train:
+        return  # no training data (predict / relaxations): nothing to corrupt
+    try:
+        dataset_class = registry.get_dataset_class(found)
+    except RuntimeError:
+        dataset_class = None
+    if not (isinstance(dataset_class, type) and issubclass(dataset_class, DeNSDatasetMixin)):
+        raise DeNSConfigError(
+            f"dataset.train.format={found!r}: optim.dens needs a DeNS dataset, "
+            "fairchem_dens.datasets.DeNSLmdbDataset (OC20) or DeNSOC22LmdbDataset (OC22)"
+        )
 
 
 @registry.register_trainer("dens_forces")
@@ -78,6 +96,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         **kwargs: Any,
     ) -> None:
         self.dens: DeNSConfig | None = DeNSConfig.from_optim(optimizer)
+        if self.dens is not None:
+            check_train_format(dataset)
         evaluation_metrics = dict(evaluation_metrics or {})
         evaluation_metrics.setdefault("metrics", DEFAULT_METRICS)
         evaluation_metrics.setdefault("primary_metric", DEFAULT_PRIMARY_METRIC)
@@ -105,12 +125,6 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if self.dens is None or self.train_loader is None:
             return
         dataset = find_dens_dataset(self.train_dataset)
-        if dataset is None:
-            found = self.config["dataset"].get("format", "lmdb")
-            raise DeNSConfigError(
-                f"dataset.train.format={found!r}: optim.dens needs a DeNS dataset, "
-                "fairchem_dens.datasets.DeNSLmdbDataset (OC20) or DeNSOC22LmdbDataset (OC22)"
-            )
         self._dens_dataset = dataset
         sampler = self.train_sampler
         set_epoch = sampler.set_epoch_and_start_iteration
@@ -141,16 +155,22 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                         if self.output_targets[name].get("level") == "atom"]
         return atom_targets[0] if len(atom_targets) == 1 else "forces"
 
+    def enable_dens_on_train_data(self) -> None:
+        """Turn the corruption on for the training dataset, with the current forces normaliser
+        (σ_F of Alg. 1 l.24) and seed."""
+        if self._dens_dataset is None:
+            return
+        normalizer = self.normalizers.get(self._force_target())
+        mean = float(normalizer.mean) if normalizer is not None else 0.0
+        std = float(normalizer.rmsd) if normalizer is not None else 1.0
+        seed = self.dens.seed if self.dens.seed is not None else self.config["cmd"]["seed"]
+        self._dens_dataset.enable_dens(self.dens, seed or 0, mean, std)
+        logging.info(f"DeNS on: {self.dens}; encoded forces = (f - {mean:g}) / {std:g}")
+
     def train(self, disable_eval_tqdm: bool = False) -> None:
-        """Enable the corruption on the training dataset (normalisers are final now, after any
-        checkpoint load), then run fairchem's training loop."""
-        if self._dens_dataset is not None:
-            normalizer = self.normalizers.get(self._force_target())
-            mean = float(normalizer.mean) if normalizer is not None else 0.0
-            std = float(normalizer.rmsd) if normalizer is not None else 1.0
-            seed = self.dens.seed if self.dens.seed is not None else self.config["cmd"]["seed"]
-            self._dens_dataset.enable_dens(self.dens, seed or 0, mean, std)
-            logging.info(f"DeNS on: {self.dens}; encoded forces = (f - {mean:g}) / {std:g}")
+        """Enable the corruption (normalisers are final now, after any checkpoint load), then
+        run fairchem's training loop."""
+        self.enable_dens_on_train_data()
         super().train(disable_eval_tqdm=disable_eval_tqdm)
 
     # ---- losses ----------------------------------------------------------------------------
@@ -254,16 +274,24 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _compute_metrics(self, out: dict[str, torch.Tensor], batch: Any, evaluator: Any,
                          metrics: dict | None = None) -> dict:
-        """Parent's metrics; on DeNS batches corrupted atoms are left out of force metrics (their
-        force prediction is not trained) and the DeNS loss terms are added."""
+        """Parent's training metrics on the batch's original-task structures (a DeNS structure's
+        force prediction on corrupted atoms is not trained), plus the DeNS loss terms."""
         if keys.DENS_MASK not in batch:
             return super()._compute_metrics(out, batch, evaluator, metrics)
-        fixed = batch.fixed
-        batch.fixed = torch.where(batch[keys.DENS_MASK], torch.ones_like(fixed), fixed)
-        try:
+        metrics = {} if metrics is None else metrics
+        is_dens = batch[keys.DENS_STRUCTURE]
+        if not is_dens.any():
             metrics = super()._compute_metrics(out, batch, evaluator, metrics)
-        finally:
-            batch.fixed = fixed
+        elif not is_dens.all():
+            original = (~is_dens).nonzero().view(-1)
+            atoms = ~is_dens[batch.batch]
+            sub_out = {
+                name: value[atoms] if self.output_targets[name].get("level") == "atom"
+                else value[original]
+                for name, value in out.items()
+            }
+            sub_batch = Batch.from_data_list(batch.index_select(original))
+            metrics = super()._compute_metrics(sub_out, sub_batch, evaluator, metrics)
         for name, value in self._dens_log.items():
             metrics = evaluator.update(name, value, metrics)
         return metrics

@@ -1,10 +1,14 @@
 """What the force-encoding backbones share: build the DeNS embedding of a batch and add it to
 the initial node embeddings (Eq. 5) without copying the parent's forward.
 
-The parent's forward builds the initial node embedding as ``x = atom embedding + edge-degree
-embedding``. A forward hook on the module that makes the second summand adds the DeNS embedding to
-its output, so the sum becomes ``x + x_f`` — "we simply add the force embeddings to initial node
-embeddings" (§3.2.2) — while the parent's code and state-dict keys stay untouched.
+"We simply add the force embeddings to initial node embeddings" (§3.2.2). A hook adds the DeNS
+embedding where the parent's forward finishes its initial node embedding, so the parent's code and
+state-dict keys stay untouched:
+
+* EquiformerV2 builds ``x = atom embedding + edge-degree embedding``: a forward hook adds x_f to
+  the edge-degree embedding's output, so the sum becomes ``x + x_f``;
+* eSCN feeds the atom embedding ``x`` to its first layer: a forward pre-hook on that layer adds
+  x_f to its input.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ class DeNSEncodingMixin:
         initial_embedding: nn.Module,
         use_force_encoding: bool,
         use_sigma_encoding: bool,
+        hook_input: bool = False,
     ) -> None:
         """Create the encoders and hook them onto ``initial_embedding``'s output.
 
         Args:
             lmax_list: the backbone's ``lmax_list`` (one resolution supported).
             channels: channels per coefficient of the node embedding.
-            initial_embedding: module whose ``SO3_Embedding`` output the parent adds to the atom
-                embedding (EquiformerV2: ``edge_degree_embedding``; eSCN: the first layer's input).
+            initial_embedding: module whose ``SO3_Embedding`` output (or first input, with
+                ``hook_input``) receives the DeNS embedding.
             use_force_encoding: Eq. 5 on (False: Table 1e idx 2, no force encoding).
             use_sigma_encoding: σ encoding on (Table 1e idx 5).
+            hook_input: add to the module's first input instead of its output.
         """
         if len(lmax_list) != 1:
             raise ValueError(
@@ -60,7 +66,10 @@ class DeNSEncodingMixin:
         self.force_encoding = ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
         self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
         self._dens_embedding: torch.Tensor | None = None
-        initial_embedding.register_forward_hook(self._add_dens_embedding)
+        if hook_input:
+            initial_embedding.register_forward_pre_hook(self._add_dens_embedding_to_input)
+        else:
+            initial_embedding.register_forward_hook(self._add_dens_embedding)
 
     def dens_embedding(self, data: Any) -> torch.Tensor | None:
         """(n_atoms, (Lmax+1)², C) DeNS embedding of a batch, or None when it has no DeNS fields
@@ -98,3 +107,6 @@ class DeNSEncodingMixin:
         if self._dens_embedding is not None:
             output.embedding = output.embedding + self._dens_embedding.to(output.embedding.dtype)
         return output
+
+    def _add_dens_embedding_to_input(self, module: nn.Module, inputs: tuple) -> None:
+        self._add_dens_embedding(module, (), inputs[0])
