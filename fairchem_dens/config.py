@@ -139,7 +139,9 @@ class DeNSConfig:
             fail("schedule", self.schedule, f"must be one of {list(SCHEDULES)}")
         if self.loss is not None and self.loss not in ("l2mae", "l2norm", "mse", "mae"):
             fail("loss", self.loss, "must be one of ['l2mae', 'mse', 'mae'] or null")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             fail("seed", self.seed, "must be an integer or null")
         number("max_force_norm", allow_none=True)
         if self.max_force_norm is not None and self.max_force_norm <= 0:

@@ -102,8 +102,8 @@ class DeNSDatasetMixin:
         if config.candidates == "free":
             if "fixed" not in data:
                 raise KeyError(
-                    f"{self.path}: entry {idx} has no 'fixed' field, needed by "
-                    "optim.dens.candidates=free (OC20 mode); use candidates: all for OC22-style data"
+                    f"{self.path}: entry {idx} has no 'fixed' field, needed by optim.dens."
+                    "candidates=free (OC20 mode); use candidates: all for OC22-style data"
                 )
             candidates = data.fixed.view(-1).numpy() == 0
         else:

@@ -19,7 +19,7 @@ DENS_STRUCTURE = "dens_structure"
 #: (n_atoms,) bool — m_i: the atom is corrupted and denoised (Alg. 1 l.16-22).
 DENS_MASK = "dens_mask"
 
-#: (n_structures,) float32, Å — σ drawn for the structure (Alg. 1 l.10/12); 0 for original-task ones.
+#: (n_structures,) float32, Å — σ drawn for the structure (Alg. 1 l.10/12); 0 if original task.
 DENS_SIGMA = "dens_sigma"
 
 #: (n_atoms, 3) float32, dimensionless — ε_i / σ on corrupted atoms, 0 elsewhere (Eq. 4 target).

@@ -34,7 +34,9 @@ def sigma_grid(sigma_low: float, sigma_high: float, num_sigmas: int) -> np.ndarr
     """
     k = np.arange(num_sigmas, dtype=np.float64)
     # Eq. 7: σ_k = exp(ln σ_low + (k-1)/(T-1) · (ln σ_high − ln σ_low)), k = 1..T
-    return np.exp(np.log(sigma_low) + k / (num_sigmas - 1) * (np.log(sigma_high) - np.log(sigma_low)))
+    return np.exp(
+        np.log(sigma_low) + k / (num_sigmas - 1) * (np.log(sigma_high) - np.log(sigma_low))
+    )
 
 
 def structure_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

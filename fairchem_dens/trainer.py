@@ -1,4 +1,4 @@
-"""The DeNS trainer: fairchem's (EquiformerV2) forces trainer plus the per-structure losses of Alg. 1.
+"""The DeNS trainer: fairchem's EquiformerV2 forces trainer plus the per-structure losses of Alg. 1.
 
 YAML::
 
@@ -31,10 +31,10 @@ import logging
 from typing import Any
 
 import torch
-from torch_geometric.data import Batch
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
+from torch_geometric.data import Batch
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
@@ -44,15 +44,22 @@ from fairchem_dens.noise import Status
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
 DEFAULT_METRICS = {
     "energy": ["mae"],
-    "forces": ["forcesx_mae", "forcesy_mae", "forcesz_mae", "mae", "cosine_similarity",
-               "magnitude_error"],
+    "forces": [
+        "forcesx_mae",
+        "forcesy_mae",
+        "forcesz_mae",
+        "mae",
+        "cosine_similarity",
+        "magnitude_error",
+    ],
     "misc": ["energy_forces_within_threshold"],
 }
 DEFAULT_PRIMARY_METRIC = "forces_mae"
 
 
-def _loss_per_row(fn: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor,
-                  natoms: torch.Tensor) -> torch.Tensor:
+def _loss_per_row(
+    fn: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor, natoms: torch.Tensor
+) -> torch.Tensor:
     """Elementwise fairchem loss reduced to one value per row (atom or structure): (rows,)."""
     loss = fn(pred, target, natoms)
     return loss.reshape(pred.shape[0], -1).mean(-1)
@@ -105,8 +112,15 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         self._dens_log: dict[str, float] = {}
         self._dens_dataset = None
         super().__init__(
-            task, model, outputs, dataset, optimizer, loss_functions, evaluation_metrics,
-            *args, **kwargs,
+            task,
+            model,
+            outputs,
+            dataset,
+            optimizer,
+            loss_functions,
+            evaluation_metrics,
+            *args,
+            **kwargs,
         )
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -151,8 +165,11 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _force_target(self) -> str:
         """Name of the per-atom force target (the one whose forces are encoded)."""
-        atom_targets = [name for name, _ in self.loss_functions
-                        if self.output_targets[name].get("level") == "atom"]
+        atom_targets = [
+            name
+            for name, _ in self.loss_functions
+            if self.output_targets[name].get("level") == "atom"
+        ]
         return atom_targets[0] if len(atom_targets) == 1 else "forces"
 
     def enable_dens_on_train_data(self) -> None:
@@ -202,10 +219,12 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         force_spec = self.output_targets[self._force_target()]
         loss_atoms = free if force_spec.get("train_on_free_atoms", True) else torch.ones_like(free)
         # one collective per step, whatever was drawn: global structure and loss-atom counts
-        counts = torch.stack([
-            torch.tensor(float(batch.natoms.numel()), device=self.device),
-            (loss_atoms | corrupted).sum().to(self.device, torch.float),
-        ])
+        counts = torch.stack(
+            [
+                torch.tensor(float(batch.natoms.numel()), device=self.device),
+                (loss_atoms | corrupted).sum().to(self.device, torch.float),
+            ]
+        )
         counts = distutils.all_reduce(counts, device=self.device)
         world = distutils.get_world_size()
         num_structures, num_atoms = counts.clamp(min=1.0).unbind()
@@ -272,8 +291,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             log[f"dens_{code.name.lower()}_fraction"] = float((status == code).float().mean())
         self._dens_log = log
 
-    def _compute_metrics(self, out: dict[str, torch.Tensor], batch: Any, evaluator: Any,
-                         metrics: dict | None = None) -> dict:
+    def _compute_metrics(
+        self, out: dict[str, torch.Tensor], batch: Any, evaluator: Any, metrics: dict | None = None
+    ) -> dict:
         """Parent's training metrics on the batch's original-task structures (a DeNS structure's
         force prediction on corrupted atoms is not trained), plus the DeNS loss terms."""
         if keys.DENS_MASK not in batch:
@@ -286,7 +306,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             original = (~is_dens).nonzero().view(-1)
             atoms = ~is_dens[batch.batch]
             sub_out = {
-                name: value[atoms] if self.output_targets[name].get("level") == "atom"
+                name: value[atoms]
+                if self.output_targets[name].get("level") == "atom"
                 else value[original]
                 for name, value in out.items()
             }

@@ -33,8 +33,20 @@ def trained(emt_data, tmp_path_factory):
     config = tiny_config(emt_data, prob=0.5)
     config["optim"].update(max_epochs=1, num_workers=2, eval_every=10)
     path = write_config(config, run / "config.yml")
-    output = run_cli("--mode", "train", "--config-yml", str(path), "--cpu", "--run-dir",
-                     str(run), "--identifier", "tiny", "--print-every", "5", cwd=run)
+    output = run_cli(
+        "--mode",
+        "train",
+        "--config-yml",
+        str(path),
+        "--cpu",
+        "--run-dir",
+        str(run),
+        "--identifier",
+        "tiny",
+        "--print-every",
+        "5",
+        cwd=run,
+    )
     checkpoint = next(run.glob("checkpoints/*/checkpoint.pt"))
     return run, config, output, checkpoint
 
@@ -53,10 +65,23 @@ def test_predict_from_dens_checkpoint_on_test_split_without_labels(trained, emt_
     run, config, _, checkpoint = trained
     config["dataset"]["test"] = {"src": str(emt_data / "oc20" / "test")}
     path = write_config(config, run / "predict.yml")
-    run_cli("--mode", "predict", "--config-yml", str(path), "--cpu", "--run-dir", str(run),
-            "--checkpoint", str(checkpoint), "--identifier", "predict", cwd=run)
-    predictions = sorted(run.glob("results/*/s2ef_predictions.npz"))
-    assert predictions, "no s2ef_predictions.npz written"
+    run_cli(
+        "--mode",
+        "predict",
+        "--config-yml",
+        str(path),
+        "--cpu",
+        "--run-dir",
+        str(run),
+        "--checkpoint",
+        str(checkpoint),
+        "--identifier",
+        "predict",
+        cwd=run,
+    )
+    # fairchem names the file after the task ("ocp" for a trainer given by dotted path)
+    predictions = sorted(run.glob("results/*-predict/*_predictions.npz"))
+    assert predictions, "no predictions .npz written"
     results = np.load(predictions[-1], allow_pickle=True)
     assert {"energy", "forces", "ids"} <= set(results.files)
     assert np.isfinite(results["energy"].astype(float)).all()

@@ -61,8 +61,9 @@ def test_corrupted_structure_fields(ours, plain):
         if bool(data[keys.DENS_STRUCTURE]):
             assert torch.equal(mask, free)  # r_DeNS = 1: every free atom
             # Eq. 4 target: ε/σ with ε = p̃ − p
-            assert torch.allclose(data[keys.DENS_TARGET] * sigma, data.pos - original.pos,
-                                  atol=1e-5)
+            assert torch.allclose(
+                data[keys.DENS_TARGET] * sigma, data.pos - original.pos, atol=1e-5
+            )
         else:
             assert sigma == 0 and not mask.any()
         # Alg. 1 l.24: f/σ_F on corrupted atoms, 0 elsewhere

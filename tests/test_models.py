@@ -103,8 +103,11 @@ def test_sigma_encoding_ablation():
         assert not torch.allclose(model(dens_batch)["energy"], model(batch)["energy"])
         dens_batch[keys.DENS_SIGMA] = torch.zeros_like(dens_batch[keys.DENS_SIGMA])
         assert torch.allclose(model(dens_batch)["energy"], model(batch)["energy"], atol=1e-7)
-    assert_equivariant(dens_model(use_sigma_encoding=True), with_dens_fields(batch),
-                       vectors=("forces", keys.NOISE_OUTPUT))
+    assert_equivariant(
+        dens_model(use_sigma_encoding=True),
+        with_dens_fields(batch),
+        vectors=("forces", keys.NOISE_OUTPUT),
+    )
 
 
 def test_noise_head_runs_only_on_dens_batches():

@@ -134,10 +134,14 @@ def test_linear_decay_of_dens_coefficient(emt_data, tmp_path):
     ("change", "message"),
     [
         (lambda c: c["optim"]["dens"].update(prob=2.0), r"optim\.dens\.prob=2\.0: must be in"),
-        (lambda c: c["dataset"]["train"].update(format="lmdb"),
-         r"dataset\.train\.format='lmdb': optim\.dens needs a DeNS dataset"),
-        (lambda c: c["optim"]["scheduler_params"].update(warmup_epochs=0.001),
-         r"warmup_epochs=0\.001: rounds to 0 warm-up steps"),
+        (
+            lambda c: c["dataset"]["train"].update(format="lmdb"),
+            r"dataset\.train\.format='lmdb': optim\.dens needs a DeNS dataset",
+        ),
+        (
+            lambda c: c["optim"]["scheduler_params"].update(warmup_epochs=0.001),
+            r"warmup_epochs=0\.001: rounds to 0 warm-up steps",
+        ),
     ],
 )
 def test_bad_settings_stop_with_one_line(emt_data, tmp_path, change, message):
