@@ -39,6 +39,8 @@ from torch_geometric.data import Batch
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
+from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
+from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
 from fairchem_dens.noise import Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
@@ -129,6 +131,13 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         """Parent's model, plus a hook that keeps the raw model output (it holds the noise)."""
         super().load_model()
         self._unwrapped_model.register_forward_hook(self._keep_model_output)
+        dens_only = (ForceEncoding, SigmaEncoding, EqV2NoiseHead, eSCNNoiseHead)
+        self._dens_parameters = [
+            parameter
+            for module in self._unwrapped_model.modules()
+            if isinstance(module, dens_only)
+            for parameter in module.parameters()
+        ]
 
     def _keep_model_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self._model_output = output
@@ -211,7 +220,12 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _compute_loss(self, out: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         if keys.DENS_MASK not in batch:
-            return super()._compute_loss(out, batch)
+            loss = super()._compute_loss(out, batch)
+            if self.dens is not None and self.model is not self._unwrapped_model:
+                # outside the `epochs` window the DeNS modules do not run; DDP (without
+                # find_unused_parameters) needs a gradient for every parameter on every step
+                loss = loss + 0.0 * sum(p.sum() for p in self._dens_parameters)
+            return loss
 
         corrupted = batch[keys.DENS_MASK]  # m_i, (n_atoms,)
         is_dens = batch[keys.DENS_STRUCTURE]  # (n_structures,)
@@ -289,6 +303,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         log["dens_atom_fraction"] = float(batch[keys.DENS_MASK].float().mean())
         for code in Status:
             log[f"dens_{code.name.lower()}_fraction"] = float((status == code).float().mean())
+        ineligible = (status == Status.MAX_FORCE) | (status == Status.MIN_ATOMS)
+        drawn = (status == Status.DENS) | (status == Status.NO_ATOM) | (status == Status.MAX_RATIO)
+        log["dens_eligible_fraction"] = float((~ineligible).float().mean())
+        log["dens_drawn_fraction"] = float(drawn.float().mean())
         self._dens_log = log
 
     def _compute_metrics(

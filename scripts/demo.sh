@@ -19,4 +19,5 @@ log="$RUN/train.log"
 
 checkpoint=$(ls -t "$RUN"/checkpoints/*/checkpoint.pt | head -n 1)
 echo "checkpoint: $checkpoint"
-echo "last validation: $(grep -E 'val: .*energy_mae' "$log" | tail -n 1 | sed -E 's/.*(val: )/\1/')"
+# fairchem's validate() logs "energy_mae: ..., forces_mae: ..." from base_trainer.py
+echo "last validation: $(grep -E 'base_trainer.py:[0-9]+: \(INFO\): energy_mae' "$log" | tail -n 1 | sed -E 's/.*\(INFO\): //')"

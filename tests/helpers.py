@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,13 +134,21 @@ def assert_equivariant(
                 assert (out[name] - expected).abs().max() / scale < tol, name
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "equiformer_v2_dens.yml"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
+
+def demo_config(name: str = "equiformer_v2_dens.yml") -> dict[str, Any]:
+    """A demo model config merged with configs/demo/base.yml, without the data include."""
+    config = yaml.safe_load((DEMO_DIR / "base.yml").read_text())
+    model = yaml.safe_load((DEMO_DIR / name).read_text())
+    config.pop("includes")
+    model.pop("includes")
+    return {**config, **model}
 
 
 def tiny_config(data: Path, variant: str = "oc20", **dens: Any) -> dict[str, Any]:
     """The demo config with a tiny model, pointed at a generated dataset (a YAML-able dict)."""
-    config = yaml.safe_load(DEMO_CONFIG.read_text())
-    config.pop("includes")
+    config = demo_config()
     normalizers = yaml.safe_load((data / variant / "normalizers.yml").read_text())
     config["dataset"] = {
         "train": {
@@ -250,3 +261,17 @@ ESCN_HEADS = {
     "forces": {"module": "escn_force_head"},
 }
 ESCN_NOISE_HEAD = {"dens_noise": {"module": "fairchem_dens.heads.eSCNNoiseHead"}}
+
+
+FAIRCHEM = str(Path(sys.executable).with_name("fairchem"))
+
+
+def run_cli(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [FAIRCHEM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    return output

@@ -4,27 +4,9 @@ from the DeNS checkpoint."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from helpers import tiny_config, write_config
-
-FAIRCHEM = str(Path(sys.executable).with_name("fairchem"))
-
-
-def run_cli(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [FAIRCHEM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "Traceback" not in output, output[-4000:]
-    return output
+from helpers import run_cli, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")

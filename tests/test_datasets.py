@@ -113,3 +113,51 @@ def test_missing_fixed_in_oc20_mode_names_file(ours, plain):
     del data.forces
     with pytest.raises(KeyError, match=r"no 'forces' field"):
         ours._dens_corrupt(data, 0)
+
+
+def free_force_maxima(structures) -> np.ndarray:
+    return np.array([float(s.forces[s.fixed == 0].norm(dim=-1).max()) for s in structures])
+
+
+def test_eligibility_filters_on_generated_data(ours, plain):
+    """max_force_norm / min_num_atoms select exactly the structures the data says, and the
+    corrupted fraction of every DeNS structure respects max_corrupted_ratio."""
+    maxima = free_force_maxima(plain)
+    threshold = float(np.median(maxima))
+    free_counts = np.array([int((s.fixed == 0).sum()) for s in plain])
+    min_atoms = int(np.median(free_counts)) + 1
+    assert (maxima > threshold).any() and (maxima <= threshold).any()
+    assert (free_counts < min_atoms).any() and (free_counts >= min_atoms).any()
+
+    ours.enable_dens(DeNSConfig(prob=1.0, max_force_norm=threshold), seed=0)
+    status = np.array([int(ours[i][keys.DENS_STATUS]) for i in range(len(ours))])
+    assert np.array_equal(status == Status.MAX_FORCE, maxima > threshold)
+    assert np.all(status[maxima <= threshold] == Status.DENS)
+
+    ours.enable_dens(DeNSConfig(prob=1.0, min_num_atoms=min_atoms), seed=0)
+    status = np.array([int(ours[i][keys.DENS_STATUS]) for i in range(len(ours))])
+    assert np.array_equal(status == Status.MIN_ATOMS, free_counts < min_atoms)
+
+    ratio = 0.6
+    ours.enable_dens(DeNSConfig(prob=1.0, corrupt_ratio=0.5, max_corrupted_ratio=ratio), seed=0)
+    items = [ours[i] for i in range(len(ours))]
+    for data, free in zip(items, free_counts, strict=True):
+        if bool(data[keys.DENS_STRUCTURE]):
+            assert int(data[keys.DENS_MASK].sum()) <= ratio * free
+    assert any(int(d[keys.DENS_STATUS]) == Status.MAX_RATIO for d in items)
+
+
+def test_determinism_across_workers_with_all_filters(ours, plain):
+    maxima = free_force_maxima(plain)
+    config = DeNSConfig(
+        prob=0.7,
+        corrupt_ratio=0.5,
+        max_force_norm=float(np.median(maxima)),
+        min_num_atoms=3,
+        max_corrupted_ratio=0.8,
+        epochs=(0, 5),
+    )
+    ours.enable_dens(config, seed=11, force_std=FORCE_STD)
+    ours.set_dens_epoch(4)
+    serial, parallel = collect(ours, 0), collect(ours, 2)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))

@@ -3,15 +3,20 @@ behaviour without DeNS, no NaN for zero forces, and the noise head's parameter o
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import (
     ESCN_HEADS,
     ESCN_NOISE_HEAD,
     TINY_ESCN,
     assert_equivariant,
+    demo_config,
     hydra,
     random_batch,
+    run_cli,
+    tiny_config,
     with_dens_fields,
+    write_config,
 )
 
 from fairchem_dens import keys
@@ -70,3 +75,30 @@ def test_escn_noise_head_is_the_cheap_sphere_point_block():
     head = sum(p.numel() for p in model.output_heads["dens_noise"].parameters())
     force = sum(p.numel() for p in model.output_heads["forces"].parameters())
     assert head == force  # the same per-sphere-point block as eSCN's force head
+
+
+@pytest.mark.slow
+def test_escn_dens_trains_through_the_stock_cli(emt_data, tmp_path):
+    config = tiny_config(emt_data, prob=0.5)
+    config["model"] = demo_config("escn_dens.yml")["model"]
+    backbone = config["model"]["backbone"]
+    backbone.update({**TINY_ESCN, "num_sphere_samples": 128})
+    config["dataset"]["train"]["train_split_settings"] = {"first_n": 24}
+    config["optim"].update(print_every=1, eval_every=3)
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 0.4
+    path = write_config(config, tmp_path / "escn.yml")
+    output = run_cli(
+        "--mode",
+        "train",
+        "--config-yml",
+        str(path),
+        "--cpu",
+        "--run-dir",
+        str(tmp_path),
+        "--print-every",
+        "2",
+        cwd=tmp_path,
+    )
+    for term in ("loss_energy", "loss_forces", "loss_dens"):
+        assert f"{term}:" in output
+    assert next(tmp_path.glob("checkpoints/*/checkpoint.pt")).stat().st_size > 0

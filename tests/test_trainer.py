@@ -162,3 +162,38 @@ def test_missing_noise_head_is_a_clear_error(emt_data, tmp_path):
             out = trainer._forward(batch)
         with pytest.raises(DeNSConfigError, match=r"model\.heads: no head outputs 'dens_noise'"):
             trainer._compute_loss(out, batch)
+
+
+def test_epoch_window_and_ddp_without_dens_modules(emt_data, tmp_path, monkeypatch):
+    """Outside `epochs` no structure carries DeNS fields, the DeNS modules do not run, and the
+    DDP-wrapped model (the CLI wraps even one rank) still trains."""
+    config = tiny_config(emt_data, prob=1.0, epochs=[0, 1])
+    config["dataset"]["train"]["train_split_settings"] = {"first_n": 16}
+    config["optim"]["max_epochs"] = 2
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 0.5
+    with trainer_from_config(config, tmp_path) as trainer:
+        assert trainer.model is not trainer._unwrapped_model  # DistributedDataParallel
+        dens_steps = []
+        log_terms = trainer._log_dens_terms
+        monkeypatch.setattr(
+            trainer,
+            "_log_dens_terms",
+            lambda terms, batch: dens_steps.append(trainer.epoch) or log_terms(terms, batch),
+        )
+        trainer.train(disable_eval_tqdm=True)
+        assert trainer.step == 2 * len(trainer.train_loader)
+    assert len(dens_steps) == len(trainer.train_loader)  # every step of epoch 0, none after
+    assert all(epoch <= 1.0 for epoch in dens_steps)
+
+
+def test_noise_head_never_runs_in_validation_or_predict(trainer):
+    calls = []
+    head = trainer._unwrapped_model.output_heads["dens_noise"]
+    head.force_block.register_forward_hook(lambda *args: calls.append(1))
+    trainer.enable_dens_on_train_data()
+    trainer.validate(split="val", disable_tqdm=True)
+    trainer.predict(trainer.val_loader, results_file=None, disable_tqdm=True)
+    assert calls == []
+    batch = first_batch(trainer)
+    trainer._forward(batch)
+    assert calls == [1]  # the hook is live: training batches do run the head
