@@ -292,21 +292,28 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     # ---- logging ---------------------------------------------------------------------------
 
     def _log_dens_terms(self, terms: dict[str, tuple[float, torch.Tensor]], batch: Any) -> None:
-        """Keep this step's loss terms (weighted and unweighted) and DeNS fractions."""
-        log: dict[str, float] = {}
-        for name, (coefficient, value) in terms.items():
-            log[f"loss_{name}"] = float(value.detach())
-            log[f"loss_{name}_weighted"] = float(coefficient * value.detach())
-        log["dens_coefficient"] = float(terms["dens"][0])
+        """Keep this step's loss terms (weighted and unweighted) and DeNS fractions.
+
+        All values are gathered in one tensor and read with a single host transfer.
+        """
         status = batch[keys.DENS_STATUS]
-        log["dens_structure_fraction"] = float(batch[keys.DENS_STRUCTURE].float().mean())
-        log["dens_atom_fraction"] = float(batch[keys.DENS_MASK].float().mean())
-        for code in Status:
-            log[f"dens_{code.name.lower()}_fraction"] = float((status == code).float().mean())
-        ineligible = (status == Status.MAX_FORCE) | (status == Status.MIN_ATOMS)
-        drawn = (status == Status.DENS) | (status == Status.NO_ATOM) | (status == Status.MAX_RATIO)
-        log["dens_eligible_fraction"] = float((~ineligible).float().mean())
-        log["dens_drawn_fraction"] = float(drawn.float().mean())
+        names, values = [], []
+        for name, (coefficient, value) in terms.items():
+            names += [f"loss_{name}", f"loss_{name}_weighted"]
+            values += [value.detach(), coefficient * value.detach()]
+        fractions = {
+            "dens_structure_fraction": batch[keys.DENS_STRUCTURE],
+            "dens_atom_fraction": batch[keys.DENS_MASK],
+            "dens_eligible_fraction": (status != Status.MAX_FORCE) & (status != Status.MIN_ATOMS),
+            "dens_drawn_fraction": (status == Status.DENS)
+            | (status == Status.NO_ATOM)
+            | (status == Status.MAX_RATIO),
+        }
+        fractions.update({f"dens_{code.name.lower()}_fraction": status == code for code in Status})
+        names += list(fractions)
+        values += [mask.float().mean() for mask in fractions.values()]
+        log = dict(zip(names, torch.stack(values).tolist(), strict=True))
+        log["dens_coefficient"] = float(terms["dens"][0])
         self._dens_log = log
 
     def _compute_metrics(
