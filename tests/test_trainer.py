@@ -98,11 +98,18 @@ def test_one_collective_per_step_whatever_was_drawn(emt_data, tmp_path, monkeypa
             assert len(calls) == 1
 
 
-def test_validation_data_is_never_corrupted(trainer):
-    trainer.enable_dens_on_train_data()
-    assert trainer.config["val_dataset"].get("use_train_settings", True)  # format copied to val
-    for batch in trainer.val_loader:
-        assert not any(k in batch for k in keys.ALL_FIELDS)
+def test_validation_and_test_data_are_never_corrupted(emt_data, tmp_path):
+    config = tiny_config(emt_data, prob=1.0)
+    config["dataset"]["test"] = {"src": str(emt_data / "oc20" / "test")}
+    with trainer_from_config(config, tmp_path) as trainer:
+        trainer.enable_dens_on_train_data()
+        # fairchem copies the train settings (our DeNS dataset format included) into val and test
+        assert trainer.config["val_dataset"].get("use_train_settings", True)
+        assert type(trainer.val_dataset.dataset) is type(trainer.train_dataset.dataset)
+        assert keys.DENS_MASK in trainer.train_dataset[0]
+        for loader in (trainer.val_loader, trainer.test_loader):
+            for batch in loader:
+                assert not any(k in batch for k in keys.ALL_FIELDS)
 
 
 def test_training_logs_the_three_terms_and_fractions(trainer, monkeypatch):
