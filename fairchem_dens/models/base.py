@@ -26,31 +26,32 @@ from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
 
 
 class DeNSEncodingMixin:
-    """Mixin for an ``nn.Module`` backbone whose initial embedding is an ``SO3_Embedding``."""
+    """Mixin for a fairchem backbone whose initial embedding is an ``SO3_Embedding``.
 
+    A subclass names where the parent finishes its initial node embedding
+    (:attr:`dens_hook_module`, a submodule path) and whether x_f goes to that module's output or
+    to its first input (:attr:`dens_hook_input`); everything else is the parent's.
+
+    Args:
+        use_force_encoding: encode the forces of corrupted atoms (Eq. 5; False: Table 1e idx 2).
+        use_sigma_encoding: also encode each DeNS structure's σ (Table 1e idx 5).
+        *args, **kwargs: the parent backbone's arguments.
+    """
+
+    dens_hook_module: str
+    dens_hook_input: bool = False
     force_encoding: ForceEncoding | None
     sigma_encoding: SigmaEncoding | None
 
-    def init_dens_encoding(
+    def __init__(
         self,
-        lmax_list: list[int],
-        channels: int,
-        initial_embedding: nn.Module,
-        use_force_encoding: bool,
-        use_sigma_encoding: bool,
-        hook_input: bool = False,
+        *args: Any,
+        use_force_encoding: bool = True,
+        use_sigma_encoding: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Create the encoders and hook them onto ``initial_embedding``'s output.
-
-        Args:
-            lmax_list: the backbone's ``lmax_list`` (one resolution supported).
-            channels: channels per coefficient of the node embedding.
-            initial_embedding: module whose ``SO3_Embedding`` output (or first input, with
-                ``hook_input``) receives the DeNS embedding.
-            use_force_encoding: Eq. 5 on (False: Table 1e idx 2, no force encoding).
-            use_sigma_encoding: σ encoding on (Table 1e idx 5).
-            hook_input: add to the module's first input instead of its output.
-        """
+        super().__init__(*args, **kwargs)
+        lmax_list = self.lmax_list
         if len(lmax_list) != 1:
             raise ValueError(
                 f"DeNS force encoding supports one resolution, got lmax_list={lmax_list}"
@@ -63,13 +64,20 @@ class DeNSEncodingMixin:
                 raise ValueError(f"model.backbone.{name}={value!r}: must be true or false")
         self.use_force_encoding = use_force_encoding
         self.use_sigma_encoding = use_sigma_encoding
+        channels = self.sphere_channels
         self.force_encoding = ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
         self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
         self._dens_embedding: torch.Tensor | None = None
-        if hook_input:
-            initial_embedding.register_forward_pre_hook(self._add_dens_embedding_to_input)
+        hooked = self.get_submodule(self.dens_hook_module)
+        if self.dens_hook_input:
+            hooked.register_forward_pre_hook(self._add_dens_embedding_to_input)
         else:
-            initial_embedding.register_forward_hook(self._add_dens_embedding)
+            hooked.register_forward_hook(self._add_dens_embedding)
+
+    def forward(self, data: Any) -> dict[str, torch.Tensor]:
+        """The parent's forward, with the batch's DeNS embedding added by the hook."""
+        with self.dens_encoding(data):
+            return super().forward(data)
 
     def dens_embedding(self, data: Any) -> torch.Tensor | None:
         """(n_atoms, (Lmax+1)², C) DeNS embedding of a batch, or None when it has no DeNS fields

@@ -17,9 +17,6 @@ YAML::
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
 
@@ -31,29 +28,9 @@ class DeNSEquiformerV2Backbone(DeNSEncodingMixin, EquiformerV2Backbone):
     """fairchem's ``EquiformerV2Backbone`` whose initial node embeddings also receive the force
     embedding of corrupted atoms (Eq. 5) — nothing else differs.
 
-    Args:
-        use_force_encoding: encode the forces of corrupted atoms (False: Table 1e idx 2).
-        use_sigma_encoding: also encode each DeNS structure's σ (Table 1e idx 5).
-        **kwargs: every argument of ``EquiformerV2Backbone``.
+    The parent sums the atom embedding and ``edge_degree_embedding``'s output into the initial
+    embedding; x_f is added to the latter's output. Arguments: ``use_force_encoding``,
+    ``use_sigma_encoding`` (see :class:`DeNSEncodingMixin`) and every parent argument.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        use_force_encoding: bool = True,
-        use_sigma_encoding: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.init_dens_encoding(
-            lmax_list=self.lmax_list,
-            channels=self.sphere_channels,
-            initial_embedding=self.edge_degree_embedding,
-            use_force_encoding=use_force_encoding,
-            use_sigma_encoding=use_sigma_encoding,
-        )
-
-    def forward(self, data: Any) -> dict[str, torch.Tensor]:
-        """Parent forward with the DeNS embedding added after the edge-degree embedding."""
-        with self.dens_encoding(data):
-            return super().forward(data)
+    dens_hook_module = "edge_degree_embedding"
