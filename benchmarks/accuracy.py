@@ -1,0 +1,340 @@
+"""Accuracy at equal training steps: no DeNS vs DeNS vs fairchem 1.10's built-in DeNS trainer.
+
+One command (from the repository root)::
+
+    .venv/bin/python benchmarks/accuracy.py              # the whole sweep (~1 h on 2 CPU cores)
+    .venv/bin/python benchmarks/accuracy.py --seeds 0 --variants eqv2_plain eqv2_dens  # a subset
+
+Every run trains the same small model for the same number of steps on the held-out EMT dataset
+(``common.DATA_ARGS``: 120 systems, seed 2024, train/val split by system) and evaluates on the
+same 256 validation frames (a fixed random subset drawn by fairchem's ``sample_n`` from all 18
+validation systems) with the EMA weights (``ema_decay`` 0.99). Each run is a separate process
+(one thread; ``--jobs`` runs in parallel) that builds the trainer exactly as the stock CLI does.
+A run whose ``result.json`` exists is reused (``--force`` reruns it).
+
+Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+CODE = common.pin_code()  # before anything imports fairchem_dens
+
+#: name -> (model, variant, DeNS overrides). σ in Å.
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "eqv2_plain": ("eqv2", "plain", {}),
+    "eqv2_dens": ("eqv2", "dens", {}),
+    "eqv2_dens_s0.25": ("eqv2", "dens", {"sigma_high": 0.25}),
+    "eqv2_dens_nofe": ("eqv2", "dens_nofe", {}),
+    "eqv2_builtin": ("eqv2", "builtin", {}),
+    "escn_plain": ("escn", "plain", {}),
+    "escn_dens": ("escn", "dens", {}),
+}
+LABELS = {
+    "eqv2_plain": "EquiformerV2, no DeNS",
+    "eqv2_dens": "EquiformerV2 + DeNS (ours, σ_high 0.5)",
+    "eqv2_dens_s0.25": "EquiformerV2 + DeNS (ours, σ_high 0.25)",
+    "eqv2_dens_nofe": "EquiformerV2 + DeNS, no force encoding (ours, σ_high 0.5)",
+    "eqv2_builtin": "EquiformerV2 + DeNS (fairchem 1.10 built-in, σ_high 0.5)",
+    "escn_plain": "eSCN, no DeNS",
+    "escn_dens": "eSCN + DeNS (ours, σ_high 0.5)",
+}
+#: Run after every other variant has all its seeds.
+OPTIONAL = ("eqv2_dens_s0.25",)
+BASELINE = {"eqv2": "eqv2_plain", "escn": "escn_plain"}
+
+EPOCHS = 1  # 432 steps of 8 structures (one pass over the 3456 training frames)
+EVALS_PER_RUN = 4
+VAL_FRAMES = 256
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The config of one run (variant, seed, steps)."""
+    model, variant, overrides = VARIANTS[spec["name"]]
+    data = common.ensure_data()
+    dens = {**common.DENS, **overrides, **spec.get("dens", {})}
+    config = common.variant_config(variant, data, dens=dens, model=model)
+    config["dataset"]["val"]["sample_n"] = spec.get("val_frames", VAL_FRAMES)
+    optim = config["optim"]
+    optim["max_epochs"] = spec.get("epochs", EPOCHS)
+    frames = json.loads((data / "stats.json").read_text())["num_frames"]
+    if spec.get("train_frames"):  # smoke tests: a random subset of the training frames
+        frames = config["dataset"]["train"]["sample_n"] = spec["train_frames"]
+        optim["scheduler_params"]["warmup_epochs"] = 0.25
+    steps = optim["max_epochs"] * int(np.ceil(frames / optim["batch_size"]))
+    optim["eval_every"] = steps // spec.get("evals", EVALS_PER_RUN)
+    optim["checkpoint_every"] = -1
+    return config
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """One training run; writes ``result.json`` (validation curve, timings) in its run dir."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_dir = Path(spec["run_dir"])
+    config = run_config(spec)
+    curve: list[dict[str, float]] = []
+    eval_seconds = 0.0
+    start = time.perf_counter()
+    with common.trainer_from_config(config, run_dir, seed=spec["seed"]) as trainer:
+        validate = trainer.validate
+
+        def recording_validate(split: str = "val", disable_tqdm: bool = False) -> dict:
+            nonlocal eval_seconds
+            began = time.perf_counter()
+            metrics = validate(split=split, disable_tqdm=disable_tqdm)
+            eval_seconds += time.perf_counter() - began
+            curve.append(
+                {
+                    "step": int(trainer.step),
+                    "energy_mae": float(metrics["energy_mae"]["metric"]),
+                    "forces_mae": float(metrics["forces_mae"]["metric"]),
+                    "forces_cosine_similarity": float(
+                        metrics["forces_cosine_similarity"]["metric"]
+                    ),
+                }
+            )
+            return metrics
+
+        trainer.validate = recording_validate  # instrumentation of this instance only
+        steps = config["optim"]["max_epochs"] * len(trainer.train_loader)
+        began = time.perf_counter()
+        trainer.train(disable_eval_tqdm=True)
+        train_seconds = time.perf_counter() - began - eval_seconds
+        params = sum(p.numel() for p in trainer.model.parameters())
+    result = {
+        "name": spec["name"],
+        "seed": spec["seed"],
+        "steps": steps,
+        "params": params,
+        "curve": curve,
+        "final": curve[-1],
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "seconds_per_step": train_seconds / steps,
+        "wall_seconds": time.perf_counter() - start,
+        "config": config,
+    }
+    common.write_json(run_dir / "result.json", result)
+
+
+def launch(specs: list[dict[str, Any]], jobs: int) -> None:
+    """Run the specs as subprocesses, ``jobs`` at a time, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.update(WANDB_MODE="offline", WANDB_DISABLED="true")
+    pending = list(specs)
+    running: list[tuple[subprocess.Popen, dict[str, Any], Any, float]] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            run_dir = Path(spec["run_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "log.txt", "w")
+            process = subprocess.Popen(
+                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=common.ROOT,
+            )
+            running.append((process, spec, log, time.perf_counter()))
+            print(f"started {spec['name']} seed {spec['seed']}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            process, spec, log, began = item
+            if process.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            status = "ok" if process.returncode == 0 else f"FAILED rc={process.returncode}"
+            print(
+                f"finished {spec['name']} seed {spec['seed']}: {status} "
+                f"({time.perf_counter() - began:.0f} s; load {common.load_average()})",
+                flush=True,
+            )
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of the final validation MAEs, and changes vs the baseline."""
+    summary: dict[str, Any] = {}
+    for name in VARIANTS:
+        runs = [r for r in results if r["name"] == name]
+        if not runs:
+            continue
+        energy = np.array([r["final"]["energy_mae"] for r in runs]) * 1000  # meV
+        forces = np.array([r["final"]["forces_mae"] for r in runs]) * 1000  # meV/Å
+        summary[name] = {
+            "label": LABELS[name],
+            "seeds": [r["seed"] for r in runs],
+            "steps": runs[0]["steps"],
+            "params": runs[0]["params"],
+            "energy_mae_meV": {
+                "mean": energy.mean(),
+                "std": energy.std(ddof=1) if len(runs) > 1 else 0.0,
+                "values": energy.tolist(),
+            },
+            "forces_mae_meV_per_A": {
+                "mean": forces.mean(),
+                "std": forces.std(ddof=1) if len(runs) > 1 else 0.0,
+                "values": forces.tolist(),
+            },
+            "seconds_per_step": float(np.median([r["seconds_per_step"] for r in runs])),
+            "wall_seconds_per_run": float(np.mean([r["wall_seconds"] for r in runs])),
+        }
+    for name, entry in summary.items():
+        base = summary.get(BASELINE[VARIANTS[name][0]])
+        if base is None or name == BASELINE[VARIANTS[name][0]]:
+            continue
+        for key in ("energy_mae_meV", "forces_mae_meV_per_A"):
+            entry[key]["change_vs_no_dens_percent"] = 100 * (
+                entry[key]["mean"] / base[key]["mean"] - 1
+            )
+    return json.loads(json.dumps(summary, default=float))
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Accuracy at equal training steps (generated by benchmarks/accuracy.py)",
+        "",
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, no GPU; torch "
+        f"{meta['machine']['torch']}, fairchem-core {meta['machine']['fairchem_core']}. "
+        f"Load average before: {meta['load_before']}, after: {meta['load_after']}. "
+        f"Sweep wall time: {meta['sweep_seconds'] / 60:.1f} min ({meta['jobs']} runs in parallel, "
+        "1 thread each; other jobs may have shared the machine).",
+        "",
+        f"Data: {meta['data']}. Validation: {VAL_FRAMES} frames of the val split (all 18 val "
+        "systems), EMA weights (decay 0.99). MAE after the last step; mean ± std over seeds.",
+        "",
+        "| variant | seeds | steps | params | energy MAE (meV) | Δ | force MAE (meV/Å) | Δ "
+        "| s/step | min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in summary.values():
+        energy, forces = entry["energy_mae_meV"], entry["forces_mae_meV_per_A"]
+
+        def change(block: dict[str, Any]) -> str:
+            value = block.get("change_vs_no_dens_percent")
+            return "–" if value is None else f"{value:+.1f}%"
+
+        lines.append(
+            f"| {entry['label']} | {len(entry['seeds'])} | {entry['steps']} | "
+            f"{entry['params'] / 1e3:.0f}k | {energy['mean']:.1f} ± {energy['std']:.1f} | "
+            f"{change(energy)} | {forces['mean']:.2f} ± {forces['std']:.2f} | {change(forces)} | "
+            f"{entry['seconds_per_step']:.3f} | {entry['wall_seconds_per_run'] / 60:.1f} |"
+        )
+    lines.append("")
+    lines.append("Δ: change of the mean vs the same model without DeNS (negative = better).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for row, model in enumerate(("eqv2", "escn")):
+        for col, (key, unit) in enumerate((("energy_mae", "meV"), ("forces_mae", "meV/Å"))):
+            ax = axes[row, col]
+            for name in VARIANTS:
+                if VARIANTS[name][0] != model:
+                    continue
+                runs = [r for r in results if r["name"] == name]
+                if not runs:
+                    continue
+                steps = np.array([p["step"] for p in runs[0]["curve"]])
+                values = np.array([[p[key] * 1000 for p in r["curve"]] for r in runs])
+                mean, std = values.mean(0), values.std(0)
+                ax.plot(steps, mean, marker="o", label=f"{LABELS[name]} (n={len(runs)})")
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            ax.set_title(f"{'EquiformerV2' if model == 'eqv2' else 'eSCN'}: val {key}")
+            ax.set_ylabel(f"{key.replace('_', ' ')} ({unit})")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("training step")
+            if col == 1:
+                ax.legend(fontsize=7)
+    fig.suptitle("Validation MAE (EMA weights) vs training step; mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
+    parser.add_argument("--force", action="store_true", help="rerun runs that have results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+
+    common.ensure_data()
+    load_before = common.load_average()
+    machine = common.machine()
+    began = time.perf_counter()
+    root = common.RUNS / "accuracy"
+    specs = []
+    # seed-major, optional variants last: a stopped sweep still has every main variant
+    for optional in (False, True):
+        for seed in args.seeds:
+            for name in args.variants:
+                if (name in OPTIONAL) != optional:
+                    continue
+                spec = {"name": name, "seed": seed, "run_dir": str(root / f"{name}_seed{seed}")}
+                if args.force or not (Path(spec["run_dir"]) / "result.json").exists():
+                    specs.append(spec)
+    launch(specs, args.jobs)
+    sweep_seconds = time.perf_counter() - began
+
+    results = []
+    for path in sorted(root.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        if result["name"] in VARIANTS:
+            result.pop("config")
+            results.append(result)
+    summary = summarise(results)
+    meta = {
+        "code": CODE,
+        "machine": machine,
+        "load_before": load_before,
+        "load_after": common.load_average(),
+        "sweep_seconds": sweep_seconds,
+        "runs_launched": len(specs),
+        "jobs": args.jobs,
+        "data": f"fairchem_dens.data.generate({common.DATA_ARGS}) — "
+        "3456 train frames (84 systems), 752 val frames (18 systems)",
+        "dens": common.DENS,
+        "epochs": EPOCHS,
+        "val_frames": VAL_FRAMES,
+    }
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    common.write_json(
+        common.RESULTS / "accuracy.json", {"meta": meta, "summary": summary, "runs": results}
+    )
+    (common.RESULTS / "accuracy.md").write_text(markdown(summary, meta))
+    plot(results, common.RESULTS / "accuracy_curves.png")
+    print((common.RESULTS / "accuracy.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
