@@ -41,6 +41,7 @@ from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
 from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
 from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
+from fairchem_dens.inference import InferenceMixin
 from fairchem_dens.noise import Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
@@ -85,7 +86,7 @@ def check_train_format(dataset: Any) -> None:
 
 
 @registry.register_trainer("dens_forces")
-class DeNSTrainer(EquiformerV2ForcesTrainer):
+class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     """fairchem's EquiformerV2 forces trainer (the OCP trainer with an epoch-based cosine
     schedule, as the paper trains) with DeNS as an auxiliary task (§3.2.3, Alg. 1).
 
