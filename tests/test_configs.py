@@ -28,9 +28,6 @@ from helpers import FAIRCHEM, TINY_EQV2, hydra, run_cli, trainer_from_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-EQV2_DENS = "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone"
-ESCN_DENS = "fairchem_dens.models.escn.DeNSeSCNBackbone"
-
 #: run file -> (paper's parameter count, where the paper states it)
 RUN_FILES: dict[str, tuple[float, str]] = {
     "oc20/s2ef_2m/equiformer_v2_dens.yml": (89e6, "Table 1d"),
