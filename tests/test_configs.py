@@ -261,6 +261,22 @@ def test_run_file_loads_with_fairchems_loader_without_conflicts(name: str) -> No
     assert config["model"]["name"] == "hydra" and config["model"]["otf_graph"] is True
 
 
+def test_every_yaml_is_a_tested_run_file_or_included_by_one() -> None:
+    """No untested file: each YAML under configs/oc20 and configs/oc22 is in RUN_FILES or is
+    reached through the includes of one."""
+    import yaml
+
+    reached = set()
+    todo = [CONFIGS / name for name in RUN_FILES]
+    while todo:
+        path = todo.pop()
+        reached.add(path)
+        for include in yaml.safe_load(path.read_text()).get("includes", []):
+            todo.append(path.parent / include)
+    present = {p for folder in ("oc20", "oc22") for p in (CONFIGS / folder).rglob("*.yml")}
+    assert present == reached, sorted(str(p) for p in present ^ reached)
+
+
 @pytest.mark.parametrize(
     ("name", "key", "value", "cite"),
     [
