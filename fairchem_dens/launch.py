@@ -16,7 +16,7 @@ Usage::
     python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --local
     python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --slurm [--num-nodes 1]
     python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --submitit-local
-    python -m fairchem_dens.launch --check logs     # results of submitted jobs (also stock --submit)
+    python -m fairchem_dens.launch --check logs   # job results (ours or stock --submit)
 
 Every other argument is fairchem's (``--run-dir``, ``--identifier``, ``--seed``, ``--checkpoint``,
 ``--logdir``, ``--slurm-partition``, ``--slurm-mem``, ``--slurm-timeout``, config overrides such
@@ -67,7 +67,6 @@ class GlooRunner(Runner):
 
     def __call__(self, config: dict[str, Any]) -> None:
         import submitit
-
         from fairchem.core.common.distutils import CURRENT_DEVICE_STR
 
         self._submitted_config = config
