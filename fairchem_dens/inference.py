@@ -8,12 +8,12 @@ fairchem's trainer. It overrides three methods narrowly and calls ``super()`` fo
     fairchem's S2EF writer (``results/<timestamp_id>/ocp_predictions.npz`` under ``--mode
     predict``), unchanged. Added: the test file is checked for ``sid``/``fid`` (one line naming the
     file), OC22-style data default to float32 predictions (fairchem does so only for the legacy
-    ``task.dataset: oc22_lmdb``; float16 total energies of OC22 slabs would lose ~0.1-0.5 eV), and
-    the model's parameters are left as they were on entry. fairchem 1.10's ``predict`` swaps in
-    the EMA weights (``ema.store(); ema.copy_to()``) and, on the ``per_image=False`` path that
-    relaxations take, returns without swapping back; inside ``run_relaxations`` the nested
-    ``store`` also overwrites the saved training weights, so training would go on from the EMA
-    weights after ``task.eval_relaxations``.
+    ``task.dataset: oc22_lmdb``; float16 rounds total energies of hundreds of eV to steps of
+    0.125-0.5 eV), and the model's parameters are left as they were on entry. fairchem 1.10's
+    ``predict`` swaps in the EMA weights (``ema.store(); ema.copy_to()``) and, on the
+    ``per_image=False`` path that relaxations take, returns without swapping back; inside
+    ``run_relaxations`` the nested ``store`` also overwrites the saved training weights, so
+    training would go on from the EMA weights after ``task.eval_relaxations``.
 
 ``run_relaxations``
     fairchem's batched LBFGS relaxations, unchanged (trajectories with ``relax_opt.traj_dir``,
