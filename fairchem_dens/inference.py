@@ -279,8 +279,9 @@ class InferenceMixin:
         disable_tqdm: bool = False,
     ) -> dict[str, Any]:
         """fairchem's ``predict`` (with ``results_file``: ``<results_dir>/ocp_<results_file>.npz``
-        with ``ids`` ``"<sid>_<fid>"``, ``energy`` (n_structures,) eV, ``forces`` (n_free_atoms, 3)
-        eV/Å, ``chunk_idx``), leaving the model's parameters as they were on entry."""
+        with ``ids`` ``"<sid>_<fid>"``, ``energy`` (n_structures, 1) eV, ``forces``
+        (n_free_atoms, 3) eV/Å, ``chunk_idx``), leaving the model's parameters as they were on
+        entry."""
         self._check_plain_data(data_loader)
         ema = self.ema
         outer = ema.collected_params if ema is not None else None
