@@ -44,9 +44,9 @@ FAILED = 1
 
 #: One-line diagnosis of the stock ``--submit`` run on submitit's local executor.
 LOCAL_RANK_HINT = (
-    "KeyError 'local_rank': fairchem's --submit ran on submitit's local executor (no SLURM on "
-    "this machine), where its distributed set-up never runs; use python -m fairchem_dens.launch "
-    "--local (or --submitit-local) instead"
+    "fairchem's --submit ran on submitit's local executor (no SLURM on this machine), where its "
+    "distributed set-up never runs; use python -m fairchem_dens.launch --local (or "
+    "--submitit-local) instead"
 )
 
 
@@ -300,7 +300,7 @@ def _last_error_line(trace: str) -> str:
     errors = [line for line in lines if not line.startswith(("File ", "^", "---"))]
     last = errors[-1] if errors else (lines[-1] if lines else "unknown error")
     if "KeyError: 'local_rank'" in trace:
-        return f"{last} ({LOCAL_RANK_HINT})"
+        return f"{last}: {LOCAL_RANK_HINT}"
     return last
 
 

@@ -89,6 +89,8 @@ EOF
 start_munge() {
     alive "$MUNGE/munged.pid" && { log "munged already running (pid $(cat "$MUNGE/munged.pid"))"; return; }
     mkdir -p "$MUNGE"
+    runuser -u munge -- test -x "$DIR" \
+        || die "the munge user cannot reach $DIR (a parent directory is not world-searchable); set SLURM_LOCAL_DIR to a directory under /tmp"
     chown munge:munge "$MUNGE"
     chmod 0755 "$MUNGE"
     if [ ! -s "$MUNGE/munge.key" ]; then

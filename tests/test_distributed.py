@@ -40,6 +40,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "al
 RECORD_DIR = "DENS_TEST_RECORD_DIR"
 PAUSE_AT_STEP = "DENS_TEST_PAUSE_AT_STEP"
 PAUSE_MARKER = "DENS_TEST_PAUSE_MARKER"
+RESTORE_RNG = "DENS_TEST_RESTORE_RNG"
 
 
 # ---- recording classes (imported by the launched ranks) ---------------------------------------
@@ -73,7 +74,10 @@ class RecordingTrainer(DeNSTrainer):
     ``record_rank{r}_pid{p}.pt`` (a list, one dict per step, rewritten every step),
     ``initial_rank{r}.pt`` and ``final_rank{r}.pt`` (model weights). With
     ``$DENS_TEST_PAUSE_AT_STEP=k`` the first process to complete step k writes its pid to
-    ``$DENS_TEST_PAUSE_MARKER`` and waits (up to 2 min) for a preemption signal."""
+    ``$DENS_TEST_PAUSE_MARKER`` and waits (up to 2 min) for a preemption signal; it first saves
+    the torch RNG state beside the marker, and with ``$DENS_TEST_RESTORE_RNG`` set the resumed
+    process restores it before its first forward (fairchem's checkpoint does not hold it, and
+    EquiformerV2 draws a random frame for every edge rotation, ``edge_rot_mat.py``)."""
 
     _records: list[dict[str, Any]]
 
@@ -108,6 +112,7 @@ class RecordingTrainer(DeNSTrainer):
             "step": self.step,
             "dens_epoch": self._dens_dataset._dens_epoch,
             "loss": loss.item(),
+            "lr": self.optimizer.param_groups[0]["lr"],  # the learning rate of this step's update
             "log": dict(self._dens_log),
             "collectives": dict(counts),
         }
@@ -138,10 +143,18 @@ class RecordingTrainer(DeNSTrainer):
         pause_at = os.environ.get(PAUSE_AT_STEP)
         marker = Path(os.environ.get(PAUSE_MARKER, "/nonexistent"))
         if pause_at is not None and self.step == int(pause_at) and not marker.exists():
+            torch.save(torch.get_rng_state(), f"{marker}.rng")
             marker.write_text(str(os.getpid()))  # the state of step k is complete: preempt me now
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 time.sleep(0.1)
+
+    def _forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        rng = Path(f"{os.environ.get(PAUSE_MARKER, '/nonexistent')}.rng")
+        if os.environ.get(RESTORE_RNG) and rng.exists() and not hasattr(self, "_rng_restored"):
+            torch.set_rng_state(torch.load(rng))
+            self._rng_restored = True
+        return super()._forward(batch)
 
     def train(self, disable_eval_tqdm: bool = False) -> None:
         super().train(disable_eval_tqdm=disable_eval_tqdm)
