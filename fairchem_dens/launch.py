@@ -261,11 +261,14 @@ def submit(ours: argparse.Namespace, args: argparse.Namespace, overrides: list[s
 def wait_for(
     job: Any, folder: Path, num_tasks: int, slurm: bool, poll_s: float = 1.0, grace_s: float = 10.0
 ) -> None:
-    """Wait until every task of ``job`` wrote its result pickle, or the job is gone without one.
+    """Wait until ``job`` has left the SLURM queue (or its local controller exited) with a result
+    pickle from every task.
 
-    Unlike submitit's own wait, this needs no SLURM accounting (``sacct``): it watches the result
-    files and ``squeue``. Raises :class:`LaunchError` when the job left the queue (or the local
-    controller exited) and a result is still missing after ``grace_s`` seconds.
+    Unlike submitit's own wait, this needs no SLURM accounting (``sacct``): it watches ``squeue``
+    and the result files. It waits for the job to be gone, not only for the files: after a
+    preemption and requeue, a rank of the first attempt may have left a stale error result that
+    the requeued attempt overwrites. Raises :class:`LaunchError` when the job is gone and a result
+    is still missing after ``grace_s`` seconds (killed, out of time or memory).
     """
     import subprocess
 
@@ -273,7 +276,7 @@ def wait_for(
 
     results = [JobPaths(folder, job.job_id, task).result_pickle for task in range(num_tasks)]
     gone_since = None
-    while not all(path.exists() for path in results):
+    while True:
         if slurm:
             queue = subprocess.run(
                 ["squeue", "-h", "-j", str(job.job_id)], capture_output=True, text=True
@@ -281,6 +284,8 @@ def wait_for(
             gone = queue.returncode != 0 or not queue.stdout.strip()
         else:
             gone = job.state != "RUNNING"
+        if gone and all(path.exists() for path in results):
+            return
         if gone:
             gone_since = gone_since if gone_since is not None else time.monotonic()
             if time.monotonic() - gone_since > grace_s:
