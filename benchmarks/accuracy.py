@@ -42,7 +42,14 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "eqv2_builtin": ("eqv2", "builtin", {}),
     "escn_plain": ("escn", "plain", {}),
     "escn_dens": ("escn", "dens", {}),
+    "eqv2_builtin_noextra": ("eqv2", "builtin_noextra", {}),
+    # investigation (seed 0 by default): p_DeNS, and three times the steps
+    "eqv2_dens_p0.25": ("eqv2", "dens", {"prob": 0.25}),
+    "eqv2_plain_3ep": ("eqv2", "plain", {}),
+    "eqv2_dens_3ep": ("eqv2", "dens", {}),
 }
+#: Runs of these variants train for this many epochs instead of EPOCHS.
+EPOCHS_OF = {"eqv2_plain_3ep": 3, "eqv2_dens_3ep": 3}
 LABELS = {
     "eqv2_plain": "EquiformerV2, no DeNS",
     "eqv2_dens": "EquiformerV2 + DeNS (ours, σ_high 0.5)",
@@ -51,10 +58,37 @@ LABELS = {
     "eqv2_builtin": "EquiformerV2 + DeNS (fairchem 1.10 built-in, σ_high 0.5)",
     "escn_plain": "eSCN, no DeNS",
     "escn_dens": "eSCN + DeNS (ours, σ_high 0.5)",
+    "eqv2_builtin_noextra": "EquiformerV2 + DeNS (built-in minus its extra force term)",
+    "eqv2_dens_p0.25": "EquiformerV2 + DeNS (ours, p_DeNS 0.25)",
+    "eqv2_plain_3ep": "EquiformerV2, no DeNS, 3 epochs",
+    "eqv2_dens_3ep": "EquiformerV2 + DeNS (ours), 3 epochs",
 }
 #: Run after every other variant has all its seeds.
-OPTIONAL = ("eqv2_dens_s0.25",)
-BASELINE = {"eqv2": "eqv2_plain", "escn": "escn_plain"}
+OPTIONAL = (
+    "eqv2_dens_s0.25",
+    "eqv2_builtin_noextra",
+    "eqv2_dens_p0.25",
+    "eqv2_plain_3ep",
+    "eqv2_dens_3ep",
+)
+#: Variants of the default sweep (the investigation runs are asked for by name).
+DEFAULT = [
+    "eqv2_plain",
+    "eqv2_dens",
+    "eqv2_dens_nofe",
+    "eqv2_builtin",
+    "escn_plain",
+    "escn_dens",
+    "eqv2_dens_s0.25",
+    "eqv2_builtin_noextra",
+]
+
+
+def baseline_of(name: str) -> str:
+    """The no-DeNS run a variant is compared with (same model, same number of steps)."""
+    model = VARIANTS[name][0]
+    return f"{model}_plain_3ep" if name.endswith("_3ep") else f"{model}_plain"
+
 
 EPOCHS = 1  # 432 steps of 8 structures (one pass over the 3456 training frames)
 EVALS_PER_RUN = 4
@@ -69,7 +103,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     config = common.variant_config(variant, data, dens=dens, model=model)
     config["dataset"]["val"]["sample_n"] = spec.get("val_frames", VAL_FRAMES)
     optim = config["optim"]
-    optim["max_epochs"] = spec.get("epochs", EPOCHS)
+    optim["max_epochs"] = spec.get("epochs", EPOCHS_OF.get(spec["name"], EPOCHS))
     frames = json.loads((data / "stats.json").read_text())["num_frames"]
     if spec.get("train_frames"):  # smoke tests: a random subset of the training frames
         frames = config["dataset"]["train"]["sample_n"] = spec["train_frames"]
@@ -88,6 +122,7 @@ def worker(spec: dict[str, Any]) -> None:
     run_dir = Path(spec["run_dir"])
     config = run_config(spec)
     curve: list[dict[str, float]] = []
+    load_start = common.load_average()
     eval_seconds = 0.0
     start = time.perf_counter()
     with common.trainer_from_config(config, run_dir, seed=spec["seed"]) as trainer:
@@ -127,6 +162,10 @@ def worker(spec: dict[str, Any]) -> None:
         "eval_seconds": eval_seconds,
         "seconds_per_step": train_seconds / steps,
         "wall_seconds": time.perf_counter() - start,
+        "finished_at": time.time(),
+        "load_start": load_start,
+        "load_end": common.load_average(),
+        "code": CODE,
         "config": config,
     }
     common.write_json(run_dir / "result.json", result)
@@ -196,8 +235,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "wall_seconds_per_run": float(np.mean([r["wall_seconds"] for r in runs])),
         }
     for name, entry in summary.items():
-        base = summary.get(BASELINE[VARIANTS[name][0]])
-        if base is None or name == BASELINE[VARIANTS[name][0]]:
+        base = summary.get(baseline_of(name))
+        if base is None or name == baseline_of(name):
             continue
         for key in ("energy_mae_meV", "forces_mae_meV_per_A"):
             entry[key]["change_vs_no_dens_percent"] = 100 * (
@@ -213,8 +252,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, no GPU; torch "
         f"{meta['machine']['torch']}, fairchem-core {meta['machine']['fairchem_core']}. "
         f"Load average before: {meta['load_before']}, after: {meta['load_after']}. "
-        f"Sweep wall time: {meta['sweep_seconds'] / 60:.1f} min ({meta['jobs']} runs in parallel, "
-        "1 thread each; other jobs may have shared the machine).",
+        f"Sweep: {meta['runs']} runs, {meta['run_seconds_total'] / 3600:.2f} h of run time, "
+        f"{meta['sweep_seconds'] / 60:.0f} min wall ({meta['jobs']} runs in parallel, 1 thread "
+        f"each; other jobs shared the machine). Code: fairchem_dens at {meta['commits']}.",
         "",
         f"Data: {meta['data']}. Validation: {VAL_FRAMES} frames of the val split (all 18 val "
         "systems), EMA weights (decay 0.99). MAE after the last step; mean ± std over seeds.",
@@ -241,45 +281,70 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PANELS = [
+    (
+        "EquiformerV2",
+        [
+            "eqv2_plain",
+            "eqv2_dens",
+            "eqv2_dens_s0.25",
+            "eqv2_dens_nofe",
+            "eqv2_builtin",
+            "eqv2_builtin_noextra",
+        ],
+    ),
+    ("eSCN", ["escn_plain", "escn_dens"]),
+    (
+        "EquiformerV2: p_DeNS and steps",
+        ["eqv2_plain", "eqv2_dens", "eqv2_dens_p0.25", "eqv2_plain_3ep", "eqv2_dens_3ep"],
+    ),
+]
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-    for row, model in enumerate(("eqv2", "escn")):
+    done = {r["name"] for r in results}
+    # a panel is drawn when a variant it alone shows has results (the last one shares two)
+    panels = [
+        (title, names)
+        for index, (title, names) in enumerate(PANELS)
+        if done & set(names[2:] if index == len(PANELS) - 1 else names)
+    ]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for row, (title, names) in enumerate(panels):
         for col, (key, unit) in enumerate((("energy_mae", "meV"), ("forces_mae", "meV/Å"))):
             ax = axes[row, col]
-            for name in VARIANTS:
-                if VARIANTS[name][0] != model:
-                    continue
+            for index, name in enumerate(names):
                 runs = [r for r in results if r["name"] == name]
                 if not runs:
                     continue
                 steps = np.array([p["step"] for p in runs[0]["curve"]])
                 values = np.array([[p[key] * 1000 for p in r["curve"]] for r in runs])
                 mean, std = values.mean(0), values.std(0)
-                ax.plot(steps, mean, marker="o", label=f"{LABELS[name]} (n={len(runs)})")
-                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-            ax.set_title(f"{'EquiformerV2' if model == 'eqv2' else 'eSCN'}: val {key}")
-            ax.set_ylabel(f"{key.replace('_', ' ')} ({unit})")
-            ax.set_yscale("log")
+                style = "--" if name.endswith("_3ep") else "-"
+                label = f"{LABELS[name]} (n={len(runs)})"
+                ax.plot(steps, mean, style, marker="o", ms=3, color=f"C{index}", label=label)
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.15, color=f"C{index}")
+            ax.set_title(f"{title}: validation {key.replace('_', ' ')}", fontsize=9)
+            ax.set_ylabel(unit)
+            ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
-            if row == 1:
-                ax.set_xlabel("training step")
             if col == 1:
-                ax.legend(fontsize=7)
-    fig.suptitle("Validation MAE (EMA weights) vs training step; mean ± std over seeds")
+                ax.legend(fontsize=6)
+    fig.suptitle("Validation MAE (EMA weights) vs step; mean ± std over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--force", action="store_true", help="rerun runs that have results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -311,15 +376,27 @@ def main() -> None:
         result = json.loads(path.read_text())
         if result["name"] in VARIANTS:
             result.pop("config")
+            result.setdefault("finished_at", path.stat().st_mtime)
+            # a run stopped (SIGSTOP) while overhead.py ran gets "paused_seconds" added by hand;
+            # the pause is taken off its training time (it fell in training, not evaluation)
+            paused = result.get("paused_seconds", 0.0)
+            result["train_seconds"] -= paused
+            result["seconds_per_step"] = result["train_seconds"] / result["steps"]
             results.append(result)
     summary = summarise(results)
+    started = min(r["finished_at"] - r["wall_seconds"] for r in results)
+    finished = max(r["finished_at"] for r in results)
     meta = {
         "code": CODE,
         "machine": machine,
         "load_before": load_before,
         "load_after": common.load_average(),
-        "sweep_seconds": sweep_seconds,
+        "sweep_seconds": finished - started,
+        "this_invocation_seconds": sweep_seconds,
+        "run_seconds_total": sum(r["wall_seconds"] for r in results),
+        "runs": len(results),
         "runs_launched": len(specs),
+        "commits": sorted({str(r.get("code", {}).get("commit")) for r in results}),
         "jobs": args.jobs,
         "data": f"fairchem_dens.data.generate({common.DATA_ARGS}) — "
         "3456 train frames (84 systems), 752 val frames (18 systems)",

@@ -214,7 +214,8 @@ def variant_config(
     Args:
         variant: ``plain`` (no DeNS: ``optim.dens`` absent, noise head present but never run),
             ``dens`` (ours), ``dens_nofe`` (ours without force encoding, Table 1e idx 2),
-            ``builtin`` (fairchem 1.10's ``equiformerv2_dens`` trainer and model), or ``stock``
+            ``builtin`` (fairchem 1.10's ``equiformerv2_dens`` trainer and model),
+            ``builtin_noextra`` (the same without its extra force term), or ``stock``
             (fairchem's own EquiformerV2/eSCN backbone, heads and trainer: the parent).
         data: the ``oc20`` folder of a generated dataset.
         dens: DeNS settings (default :data:`DENS`).
@@ -256,10 +257,12 @@ def variant_config(
         config["dataset"]["train"]["format"] = "lmdb"
         backbone = {"model": stock, **backbone_args}
         heads.pop("dens_noise")
-    elif variant == "builtin":
+    elif variant in ("builtin", "builtin_noextra"):
         if model != "eqv2":
             raise ValueError("fairchem 1.10 has a built-in DeNS trainer for EquiformerV2 only")
         config["trainer"] = "equiformerv2_dens"
+        if variant == "builtin_noextra":  # benchmarks/builtin_fixed.py: minus the extra term
+            config["trainer"] = "builtin_fixed.BuiltinDeNSWithoutExtraForceTerm"
         config["dataset"]["train"]["format"] = "lmdb"
         backbone = {"model": "equiformer_v2_dens_backbone", "use_force_encoding": True}
         backbone.update(backbone_args)
