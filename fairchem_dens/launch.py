@@ -13,9 +13,10 @@ taken from the submitit job. Only the rendezvous variables are ours.
 
 Usage::
 
-    python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --local
-    python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --slurm [--num-nodes 1]
-    python -m fairchem_dens.launch --config-yml CFG --cpu --num-ranks 2 --submitit-local
+    python -m fairchem_dens.launch --mode train --config-yml CFG --cpu --num-ranks 2 --local
+    python -m fairchem_dens.launch --mode train --config-yml CFG --cpu --num-ranks 4 --slurm
+    python -m fairchem_dens.launch --mode train --config-yml CFG --cpu --num-ranks 2 \
+        --submitit-local
     python -m fairchem_dens.launch --check logs   # job results (ours or stock --submit)
 
 Every other argument is fairchem's (``--run-dir``, ``--identifier``, ``--seed``, ``--checkpoint``,
