@@ -178,7 +178,8 @@ def launch(specs: list[dict[str, Any]], jobs: int) -> None:
     pending = list(specs)
     running: list[tuple[subprocess.Popen, dict[str, Any], Any, float]] = []
     while pending or running:
-        while pending and len(running) < jobs:
+        # every benchmark worker on the machine counts, those of another sweep included
+        while pending and max(len(running), len(running_workers().splitlines())) < jobs:
             spec = pending.pop(0)
             run_dir = Path(spec["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,12 +342,33 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def running_workers() -> str:
+    """The command lines of this machine's benchmark worker processes, joined (Linux /proc)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "--worker" in text and "accuracy.py" in text:
+            lines.append(text)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--force", action="store_true", help="rerun runs that have results")
+    parser.add_argument(
+        "--runs", nargs="+", metavar="NAME:SEED", help="an explicit ordered list of runs instead"
+    )
+    parser.add_argument(
+        "--skip-running",
+        action="store_true",
+        help="skip runs that a worker process (of another sweep) is running now",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -358,16 +380,28 @@ def main() -> None:
     machine = common.machine()
     began = time.perf_counter()
     root = common.RUNS / "accuracy"
-    specs = []
     # seed-major, optional variants last: a stopped sweep still has every main variant
-    for optional in (False, True):
-        for seed in args.seeds:
-            for name in args.variants:
-                if (name in OPTIONAL) != optional:
-                    continue
-                spec = {"name": name, "seed": seed, "run_dir": str(root / f"{name}_seed{seed}")}
-                if args.force or not (Path(spec["run_dir"]) / "result.json").exists():
-                    specs.append(spec)
+    order = [
+        (name, seed)
+        for optional in (False, True)
+        for seed in args.seeds
+        for name in args.variants
+        if (name in OPTIONAL) == optional
+    ]
+    if args.runs:
+        order = [(item.rsplit(":", 1)[0], int(item.rsplit(":", 1)[1])) for item in args.runs]
+        unknown = [name for name, _ in order if name not in VARIANTS]
+        if unknown:
+            parser.error(f"--runs: unknown variant {unknown[0]!r}")
+    running = running_workers() if args.skip_running else ""
+    specs = []
+    for name, seed in order:
+        run_dir = root / f"{name}_seed{seed}"
+        if not args.force and (run_dir / "result.json").exists():
+            continue
+        if args.skip_running and f'"{run_dir}"' in running:
+            continue
+        specs.append({"name": name, "seed": seed, "run_dir": str(run_dir)})
     launch(specs, args.jobs)
     sweep_seconds = time.perf_counter() - began
 
@@ -381,10 +415,14 @@ def main() -> None:
             # the pause is taken off its training time (it fell in training, not evaluation)
             paused = result.get("paused_seconds", 0.0)
             result["train_seconds"] -= paused
+            result["wall_seconds"] -= paused
             result["seconds_per_step"] = result["train_seconds"] / result["steps"]
             results.append(result)
     summary = summarise(results)
-    started = min(r["finished_at"] - r["wall_seconds"] for r in results)
+    paused = sum(r.get("paused_seconds", 0.0) for r in results)
+    started = min(
+        r["finished_at"] - r["wall_seconds"] - r.get("paused_seconds", 0.0) for r in results
+    )
     finished = max(r["finished_at"] for r in results)
     meta = {
         "code": CODE,
@@ -392,6 +430,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": common.load_average(),
         "sweep_seconds": finished - started,
+        "paused_seconds": paused,
         "this_invocation_seconds": sweep_seconds,
         "run_seconds_total": sum(r["wall_seconds"] for r in results),
         "runs": len(results),

@@ -193,6 +193,7 @@ def ratios(times: dict[str, list[float]], reference: str) -> dict[str, Any]:
         paired = np.array(values) / base
         out[arm] = {
             "paired": common.stats(paired),
+            "paired_difference_seconds": common.stats(np.array(values) - base),
             "ratio_of_medians": float(np.median(values) / np.median(base)),
         }
     return out
@@ -229,6 +230,11 @@ def measure(model: str, layers: int, arms: list[str], rounds: int, warmup: int, 
                 result["ours_dens_over_builtin_dens"] = float(
                     np.median(times["ours_dens"]) / np.median(times["builtin_dens"])
                 )
+                ours = np.array(times["ours_dens"])
+                mixed = p * np.array(times["builtin_dens"]) + (1 - p) * np.array(
+                    times["builtin_plain"]
+                )
+                result["ours_dens_over_builtin_expected_paired"] = common.stats(ours / mixed)
             if layers == 2:
                 cost = transform_cost(trainers["ours"], 1000, seed)
                 step = np.median(times["ours_dens"])
@@ -245,6 +251,29 @@ def measure(model: str, layers: int, arms: list[str], rounds: int, warmup: int, 
             for trainer in trainers.values():
                 common.close_datasets(trainer)
     return result
+
+
+def extrapolate(results: list[dict[str, Any]], model: str, layers: int = 12) -> dict | None:
+    """The DeNS step ratio at ``layers`` layers from the measured depths: the stock step is
+    fitted as α + β·L, and the DeNS extra (one noise-head block, independent of L) is the median
+    over depths of the paired per-round difference ours_dens − stock."""
+    rows = [r for r in results if r["model"] == model and "ours_dens" in r["ratios_vs_stock"]]
+    if len({r["layers"] for r in rows}) < 2:
+        return None
+    depth = np.array([r["layers"] for r in rows], dtype=float)
+    stock = np.array([r["step_seconds"]["stock"]["median"] for r in rows])
+    beta, alpha = np.polyfit(depth, stock, 1)
+    extra = float(
+        np.median(
+            [r["ratios_vs_stock"]["ours_dens"]["paired_difference_seconds"]["median"] for r in rows]
+        )
+    )
+    return {
+        "layers": layers,
+        "stock_seconds_fit": {"alpha": float(alpha), "beta_per_layer": float(beta)},
+        "dens_extra_seconds": extra,
+        "predicted_ratio": float(1 + extra / (alpha + beta * layers)),
+    }
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -292,9 +321,21 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(
                 f"- {r['model']} L={r['layers']}: built-in expected step (p-weighted) "
                 f"{r['builtin_expected_step_seconds'] * 1e3:.1f} ms; ours (DeNS step) / "
-                f"built-in expected = {r['ours_dens_over_builtin_expected']:.3f}; ours DeNS step /"
+                f"built-in expected = {r['ours_dens_over_builtin_expected']:.3f} (paired per "
+                f"round: {r['ours_dens_over_builtin_expected_paired']['median']:.3f} [IQR "
+                f"{r['ours_dens_over_builtin_expected_paired']['q1']:.3f}, "
+                f"{r['ours_dens_over_builtin_expected_paired']['q3']:.3f}]); ours DeNS step /"
                 f" built-in DeNS step = {r['ours_dens_over_builtin_dens']:.3f}"
                 + (f"; built-in corruption {b['median']:.0f} µs per batch." if b else ".")
+            )
+    for model, fit in meta.get("extrapolation", {}).items():
+        if fit:
+            lines.append(
+                f"- {model}: stock step ≈ {fit['stock_seconds_fit']['alpha'] * 1e3:.0f} ms + "
+                f"{fit['stock_seconds_fit']['beta_per_layer'] * 1e3:.0f} ms × layers; DeNS extra "
+                f"(median paired difference over depths) {fit['dens_extra_seconds'] * 1e3:.0f} ms;"
+                f" predicted DeNS/stock ratio at {fit['layers']} layers: "
+                f"{fit['predicted_ratio']:.3f}."
             )
     return "\n".join(lines) + "\n"
 
@@ -323,15 +364,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     layers = [r["layers"] for r in eqv2]
     ratio = [r["ratios_vs_stock"]["ours_dens"]["paired"]["median"] for r in eqv2]
     ax.plot(layers, ratio, marker="o", label="EquiformerV2: ours DeNS step / stock step")
-    escn = [r for r in results if r["model"] == "escn"]
-    if escn:
-        ax.axhline(
-            escn[0]["ratios_vs_stock"]["ours_dens"]["paired"]["median"],
-            color="C1",
-            ls="--",
-            label="eSCN (2 layers): ours DeNS / stock",
-        )
-    ax.axhline(1.074, color="gray", ls=":", label="paper EquiformerV2 (12 layers, GPU): 1.074")
+    escn = sorted((r for r in results if r["model"] == "escn"), key=lambda r: r["layers"])
+    ax.plot(
+        [r["layers"] for r in escn],
+        [r["ratios_vs_stock"]["ours_dens"]["paired"]["median"] for r in escn],
+        marker="s",
+        label="eSCN: ours DeNS step / stock step",
+    )
+    for r in eqv2 + escn:  # paired IQR
+        q = r["ratios_vs_stock"]["ours_dens"]["paired"]
+        ax.plot([r["layers"]] * 2, [q["q1"], q["q3"]], color="gray", alpha=0.5, lw=3)
+    ax.axhline(1.074, color="C0", ls=":", label="paper EquiformerV2 (12 layers, GPU): 1.074")
+    ax.axhline(1.015, color="C1", ls=":", label="paper eSCN (GPU): 1.015")
     ax.set_xlabel("backbone layers")
     ax.set_ylabel("step-time ratio (paired median)")
     ax.set_title("DeNS step overhead vs depth")
@@ -348,6 +392,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, nargs="*", default=[4, 8], help="scaling section")
+    parser.add_argument(
+        "--scaling-rounds", type=int, default=None, help="rounds per depth (default rounds/2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -359,7 +406,9 @@ def main() -> None:
     eqv2_arms = ["stock", "ours_plain", "ours_dens", "builtin_plain", "builtin_dens"]
     plan = [("eqv2", 2, eqv2_arms, args.rounds)]
     plan.append(("escn", 2, ["stock", "ours_plain", "ours_dens"], args.rounds))
-    plan += [("eqv2", n, ["stock", "ours_dens"], max(args.rounds // 2, 5)) for n in args.layers]
+    deep = args.scaling_rounds or max(args.rounds // 2, 5)
+    for model in ("eqv2", "escn"):
+        plan += [(model, n, ["stock", "ours_dens"], deep) for n in args.layers]
     for model, layers, arms, rounds in plan:
         print(f"{model} L={layers}: {arms}, {rounds} rounds", flush=True)
         result = measure(model, layers, arms, rounds, args.warmup, args.seed)
@@ -375,6 +424,7 @@ def main() -> None:
         "seconds": time.perf_counter() - began,
         "dens": common.DENS,
         "command": " ".join(["benchmarks/overhead.py", *sys.argv[1:]]),
+        "extrapolation": {model: extrapolate(results, model) for model in ("eqv2", "escn")},
     }
     common.write_json(common.RESULTS / "overhead.json", {"meta": meta, "results": results})
     (common.RESULTS / "overhead.md").write_text(markdown(results, meta))
