@@ -153,6 +153,9 @@ def apply_corruption(
 class DeNSLmdbDataset(DeNSDatasetMixin, LmdbDataset):
     """fairchem's OC20 ``LmdbDataset`` with the DeNS corruption for the training split."""
 
+    # fairchem's __del__ reads `envs` even when __init__ failed before setting it (bad `src`)
+    envs: tuple = ()
+
 
 @registry.register_dataset("dens_oc22_lmdb")
 class DeNSOC22LmdbDataset(DeNSDatasetMixin, OC22LmdbDataset):

@@ -68,6 +68,26 @@ def _loss_per_row(
     return loss.reshape(pred.shape[0], -1).mean(-1)
 
 
+def check_required_keys(model: Any, outputs: Any, optim: Any, loss_functions: Any) -> None:
+    """One line naming the first key fairchem would otherwise fail on with a bare KeyError."""
+    required = {
+        "model.name": (model or {}).get("name"),
+        "outputs": outputs,
+        "loss_functions": loss_functions,
+        "optim.max_epochs": (optim or {}).get("max_epochs"),
+        "optim.lr_initial": (optim or {}).get("lr_initial"),
+    }
+    if (model or {}).get("name") == "hydra":
+        required["model.backbone.model"] = ((model or {}).get("backbone") or {}).get("model")
+    params = (optim or {}).get("scheduler_params") or {}
+    if params.get("lambda_type") == "cosine":
+        for key in ("warmup_epochs", "warmup_factor", "lr_min_factor"):
+            required[f"optim.scheduler_params.{key}"] = params.get(key)
+    for key, value in required.items():
+        if value is None or value == {} or value == []:
+            raise DeNSConfigError(f"{key}: required key is missing from the config")
+
+
 def check_train_format(dataset: Any) -> None:
     """Raise unless ``dataset.train.format`` names a DeNS dataset class."""
     train = (dataset.get("train") or {}) if isinstance(dataset, dict) else {}
@@ -105,6 +125,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         *args: Any,
         **kwargs: Any,
     ) -> None:
+        check_required_keys(model, outputs, optimizer, loss_functions)
         self.dens: DeNSConfig | None = DeNSConfig.from_optim(optimizer)
         if self.dens is not None:
             check_train_format(dataset)
@@ -158,6 +179,23 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
             dataset.set_dens_epoch(epoch)  # before the DataLoader's workers start
 
         sampler.set_epoch_and_start_iteration = set_epoch_and_start_iteration
+
+    def load_checkpoint(
+        self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
+    ) -> None:
+        """Parent's (and the inference mixin's) load, then resume the very run: fairchem saves
+        ``checkpoint.pt`` before ``scheduler.step()`` (and a preemption can land between the
+        step counter and ``optimizer.step()``), so re-align the step with the updates the
+        optimizer applied and let the scheduler catch up."""
+        super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
+        if inference_only or getattr(self, "scheduler", None) is None:
+            return
+        applied = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        if applied and self.scaler is None and max(applied) < self.step:
+            self.step = max(applied)  # redo the step that never reached optimizer.step()
+        if self.scheduler.scheduler_type not in ("Null", "ReduceLROnPlateau"):
+            while self.scheduler.scheduler.last_epoch < self.step:
+                self.scheduler.step()
 
     def load_extras(self) -> None:
         """Parent's scheduler/EMA set-up, after checking the warm-up is at least one step."""

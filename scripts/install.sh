@@ -23,12 +23,16 @@ PIP=("$VENV/bin/python" -m pip)
 
 if ! "$VENV/bin/python" -c "import fairchem.core, e3nn, lmdb, submitit, ase" 2>/dev/null; then
     echo "[install] step 1/3: fairchem-core 1.10.0 stack"
-    "${PIP[@]}" install "fairchem-core==1.10.0" "scipy<1.15" e3nn lmdb submitit wandb ase \
+    "${PIP[@]}" install "fairchem-core==1.10.0" "scipy<1.15" e3nn lmdb submitit wandb "ase<3.26" \
         pytest ruff
 fi
 if ! "$VENV/bin/python" -c "import torch_scatter, torch_sparse" 2>/dev/null; then
     echo "[install] step 2/3: torch-scatter, torch-sparse (compiling, 15-25 min on 2 cores)"
     MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install --no-build-isolation torch-scatter torch-sparse
+fi
+# fairchem 1.10's relaxations need ase<3.26 (from 3.26 its OptimizableBatch is abstract)
+if ! "$VENV/bin/python" -c "import ase, sys; sys.exit(tuple(map(int, ase.__version__.split('.')[:2])) >= (3, 26))"; then
+    "${PIP[@]}" install -q "ase<3.26"
 fi
 echo "[install] step 3/3: fairchem-dens (editable)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[dev]"

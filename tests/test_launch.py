@@ -266,12 +266,6 @@ def test_resumed_run_is_the_same_run(preempted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="fairchem saves checkpoint.pt (periodic or on preemption) before scheduler.step(): "
-    "the resumed learning rate lags one step; needs the scheduler catch-up in "
-    "DeNSTrainer.load_checkpoint described in docs/scale_out.md",
-)
 def test_resumed_run_keeps_the_lr_schedule_and_ends_with_the_same_weights(preempted):
     straight = load_records(preempted["straight"], 0)
     resumed = load_records(preempted["preempted"], 0)

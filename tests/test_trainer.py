@@ -204,3 +204,24 @@ def test_noise_head_never_runs_in_validation_or_predict(trainer):
     batch = first_batch(trainer)
     trainer._forward(batch)
     assert calls == [1]  # the hook is live: training batches do run the head
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        (("optim", "max_epochs"), "optim.max_epochs"),
+        (("optim", "lr_initial"), "optim.lr_initial"),
+        (("optim", "scheduler_params", "lr_min_factor"), "optim.scheduler_params.lr_min_factor"),
+        (("model", "backbone", "model"), "model.backbone.model"),
+        (("loss_functions",), "loss_functions"),
+    ],
+)
+def test_missing_required_key_is_one_line(emt_data, tmp_path, path, key):
+    config = tiny_config(emt_data)
+    parent = config
+    for name in path[:-1]:
+        parent = parent[name]
+    del parent[path[-1]]
+    with pytest.raises(DeNSConfigError, match=rf"^{key}: required key is missing"):
+        with trainer_from_config(config, tmp_path):
+            pass
