@@ -47,9 +47,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "eqv2_dens_p0.25": ("eqv2", "dens", {"prob": 0.25}),
     "eqv2_plain_3ep": ("eqv2", "plain", {}),
     "eqv2_dens_3ep": ("eqv2", "dens", {}),
+    "eqv2_dens_p0.25_3ep": ("eqv2", "dens", {"prob": 0.25}),
 }
 #: Runs of these variants train for this many epochs instead of EPOCHS.
-EPOCHS_OF = {"eqv2_plain_3ep": 3, "eqv2_dens_3ep": 3}
+EPOCHS_OF = {"eqv2_plain_3ep": 3, "eqv2_dens_3ep": 3, "eqv2_dens_p0.25_3ep": 3}
 LABELS = {
     "eqv2_plain": "EquiformerV2, no DeNS",
     "eqv2_dens": "EquiformerV2 + DeNS (ours, σ_high 0.5)",
@@ -62,6 +63,7 @@ LABELS = {
     "eqv2_dens_p0.25": "EquiformerV2 + DeNS (ours, p_DeNS 0.25)",
     "eqv2_plain_3ep": "EquiformerV2, no DeNS, 3 epochs",
     "eqv2_dens_3ep": "EquiformerV2 + DeNS (ours), 3 epochs",
+    "eqv2_dens_p0.25_3ep": "EquiformerV2 + DeNS (ours, p_DeNS 0.25), 3 epochs",
 }
 #: Run after every other variant has all its seeds.
 OPTIONAL = (
@@ -70,6 +72,7 @@ OPTIONAL = (
     "eqv2_dens_p0.25",
     "eqv2_plain_3ep",
     "eqv2_dens_3ep",
+    "eqv2_dens_p0.25_3ep",
 )
 #: Variants of the default sweep (the investigation runs are asked for by name).
 DEFAULT = [
@@ -297,7 +300,14 @@ PANELS = [
     ("eSCN", ["escn_plain", "escn_dens"]),
     (
         "EquiformerV2: p_DeNS and steps",
-        ["eqv2_plain", "eqv2_dens", "eqv2_dens_p0.25", "eqv2_plain_3ep", "eqv2_dens_3ep"],
+        [
+            "eqv2_plain",
+            "eqv2_dens",
+            "eqv2_dens_p0.25",
+            "eqv2_plain_3ep",
+            "eqv2_dens_3ep",
+            "eqv2_dens_p0.25_3ep",
+        ],
     ),
 ]
 
