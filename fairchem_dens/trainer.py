@@ -260,9 +260,9 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     def _compute_loss(self, out: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         if keys.DENS_MASK not in batch:
             loss = super()._compute_loss(out, batch)
-            if self.dens is not None and self.model is not self._unwrapped_model:
-                # outside the `epochs` window the DeNS modules do not run; DDP (without
-                # find_unused_parameters) needs a gradient for every parameter on every step
+            if self._dens_parameters and self.model is not self._unwrapped_model:
+                # without DeNS fields (DeNS off, or outside `epochs`) the DeNS modules do not
+                # run; DDP (no find_unused_parameters) needs a gradient for every parameter
                 loss = loss + 0.0 * sum(p.sum() for p in self._dens_parameters)
             return loss
 

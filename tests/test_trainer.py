@@ -225,3 +225,14 @@ def test_missing_required_key_is_one_line(emt_data, tmp_path, path, key):
     with pytest.raises(DeNSConfigError, match=rf"^{key}: required key is missing"):
         with trainer_from_config(config, tmp_path):
             pass
+
+
+def test_dens_disabled_with_dens_model_trains_under_ddp(emt_data, tmp_path):
+    """`optim.dens.enabled: false` with the DeNS model still trains (DDP sees every parameter)."""
+    config = tiny_config(emt_data, enabled=False)
+    config["dataset"]["train"]["train_split_settings"] = {"first_n": 12}
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 0.5
+    with trainer_from_config(config, tmp_path) as trainer:
+        assert trainer.dens is None and trainer.model is not trainer._unwrapped_model
+        trainer.train(disable_eval_tqdm=True)
+        assert trainer.step == len(trainer.train_loader) >= 2
