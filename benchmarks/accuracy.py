@@ -119,33 +119,60 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker(spec: dict[str, Any]) -> None:
     """One training run; writes ``result.json`` (validation curve, timings) in its run dir."""
+    result = train_and_record(run_config(spec), Path(spec["run_dir"]), spec["seed"])
+    common.write_json(Path(spec["run_dir"]) / "result.json", {**spec, **result})
+
+
+def train_and_record(
+    config: dict[str, Any],
+    run_dir: Path,
+    seed: int,
+    extra_val: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train one run as the stock CLI does and record its validation curve and timings.
+
+    Args:
+        config: the full run config (validation on ``dataset.val`` every ``optim.eval_every``).
+        run_dir: the run's directory.
+        seed: the run's seed (``--seed``).
+        extra_val: more labelled splits evaluated at every validation (name -> dataset config,
+            built like fairchem's val split); their metrics go under ``curve[i][name]``. They
+            never steer the run (fairchem's best-checkpoint logic sees ``dataset.val`` only).
+    """
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    run_dir = Path(spec["run_dir"])
-    config = run_config(spec)
-    curve: list[dict[str, float]] = []
+    curve: list[dict[str, Any]] = []
     load_start = common.load_average()
     eval_seconds = 0.0
     start = time.perf_counter()
-    with common.trainer_from_config(config, run_dir, seed=spec["seed"]) as trainer:
+
+    def row(metrics: dict[str, Any]) -> dict[str, float]:
+        return {
+            key: float(metrics[key]["metric"])
+            for key in ("energy_mae", "forces_mae", "forces_cosine_similarity")
+        }
+
+    with common.trainer_from_config(config, run_dir, seed=seed) as trainer:
         validate = trainer.validate
+        loaders = {
+            name: common.eval_loader(trainer, cfg) for name, cfg in (extra_val or {}).items()
+        }
 
         def recording_validate(split: str = "val", disable_tqdm: bool = False) -> dict:
             nonlocal eval_seconds
             began = time.perf_counter()
             metrics = validate(split=split, disable_tqdm=disable_tqdm)
+            point: dict[str, Any] = {"step": int(trainer.step), **row(metrics)}
+            own = trainer.val_loader
+            for name, loader in loaders.items():
+                trainer.val_loader = loader
+                try:
+                    point[name] = row(validate(split="val", disable_tqdm=disable_tqdm))
+                finally:
+                    trainer.val_loader = own
+            curve.append(point)
             eval_seconds += time.perf_counter() - began
-            curve.append(
-                {
-                    "step": int(trainer.step),
-                    "energy_mae": float(metrics["energy_mae"]["metric"]),
-                    "forces_mae": float(metrics["forces_mae"]["metric"]),
-                    "forces_cosine_similarity": float(
-                        metrics["forces_cosine_similarity"]["metric"]
-                    ),
-                }
-            )
             return metrics
 
         trainer.validate = recording_validate  # instrumentation of this instance only
@@ -154,9 +181,9 @@ def worker(spec: dict[str, Any]) -> None:
         trainer.train(disable_eval_tqdm=True)
         train_seconds = time.perf_counter() - began - eval_seconds
         params = sum(p.numel() for p in trainer.model.parameters())
-    result = {
-        "name": spec["name"],
-        "seed": spec["seed"],
+        for loader in loaders.values():
+            common.close_lmdb(loader.dataset)
+    return {
         "steps": steps,
         "params": params,
         "curve": curve,
@@ -171,11 +198,11 @@ def worker(spec: dict[str, Any]) -> None:
         "code": CODE,
         "config": config,
     }
-    common.write_json(run_dir / "result.json", result)
 
 
-def launch(specs: list[dict[str, Any]], jobs: int) -> None:
-    """Run the specs as subprocesses, ``jobs`` at a time, one thread each."""
+def launch(specs: list[dict[str, Any]], jobs: int, script: str = __file__) -> None:
+    """Run the specs as subprocesses of ``script --worker SPEC``, ``jobs`` at a time, one thread
+    each (benchmark workers of other sweeps on the machine count towards ``jobs``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update(WANDB_MODE="offline", WANDB_DISABLED="true")
     pending = list(specs)
@@ -188,7 +215,7 @@ def launch(specs: list[dict[str, Any]], jobs: int) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "log.txt", "w")
             process = subprocess.Popen(
-                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                [sys.executable, script, "--worker", json.dumps(spec)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -313,43 +340,25 @@ PANELS = [
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = {r["name"] for r in results}
     # a panel is drawn when a variant it alone shows has results (the last one shares two)
     panels = [
-        (title, names)
+        (
+            f"{title}: validation",
+            [
+                (
+                    LABELS[name],
+                    "--" if name.endswith("_3ep") else "-",
+                    [[(p["step"], p) for p in r["curve"]] for r in results if r["name"] == name],
+                )
+                for name in names
+            ],
+        )
         for index, (title, names) in enumerate(PANELS)
         if done & set(names[2:] if index == len(PANELS) - 1 else names)
     ]
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
-    for row, (title, names) in enumerate(panels):
-        for col, (key, unit) in enumerate((("energy_mae", "meV"), ("forces_mae", "meV/Å"))):
-            ax = axes[row, col]
-            for index, name in enumerate(names):
-                runs = [r for r in results if r["name"] == name]
-                if not runs:
-                    continue
-                steps = np.array([p["step"] for p in runs[0]["curve"]])
-                values = np.array([[p[key] * 1000 for p in r["curve"]] for r in runs])
-                mean, std = values.mean(0), values.std(0)
-                style = "--" if name.endswith("_3ep") else "-"
-                label = f"{LABELS[name]} (n={len(runs)})"
-                ax.plot(steps, mean, style, marker="o", ms=3, color=f"C{index}", label=label)
-                ax.fill_between(steps, mean - std, mean + std, alpha=0.15, color=f"C{index}")
-            ax.set_title(f"{title}: validation {key.replace('_', ' ')}", fontsize=9)
-            ax.set_ylabel(unit)
-            ax.set_xlabel("training step")
-            ax.grid(alpha=0.3)
-            if col == 1:
-                ax.legend(fontsize=6)
-    fig.suptitle("Validation MAE (EMA weights) vs step; mean ± std over seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    title = "Validation MAE (EMA weights) vs step; mean ± std over seeds"
+    common.plot_curves(panels, path, title)
 
 
 def running_workers() -> str:
@@ -360,7 +369,7 @@ def running_workers() -> str:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "--worker" in text and "accuracy.py" in text:
+        if "--worker" in text and "benchmarks/" in text:
             lines.append(text)
     return "\n".join(lines)
 

@@ -295,47 +295,28 @@ def variant_config(
     return config
 
 
+QUIET = ("--print-every", "1000000")
+
+
 @contextlib.contextmanager
 def trainer_from_config(
     config: dict[str, Any], run_dir: Path, seed: int = 0, mode: str = "train"
 ) -> Iterator[Any]:
     """Build the trainer exactly as the stock CLI does (``fairchem --mode train --cpu``): its
     config builder and trainer context in this process, with a one-process gloo group."""
-    from fairchem.core.common import distutils
-    from fairchem.core.common.flags import flags
-    from fairchem.core.common.utils import build_config, new_trainer_context
+    from fairchem_dens.testing import cli_trainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = ["--mode", mode, "--config-yml", str(path), "--cpu", "--run-dir", str(run_dir)]
-    argv += ["--seed", str(seed), "--print-every", "1000000"]
-    args, overrides = flags.get_parser().parse_known_args(argv)
-    built = build_config(args, overrides)
-    distutils.setup_env_local()
-    context = new_trainer_context(config=built)
-    ctx = context.__enter__()
-    try:
-        yield ctx.trainer
-    finally:
-        close_datasets(ctx.trainer)
-        context.__exit__(None, None, None)
+    with cli_trainer(config, run_dir, seed, mode, extra_args=QUIET) as trainer:
+        yield trainer
 
 
 def build_config_dict(
     config: dict[str, Any], run_dir: Path, seed: int = 0, mode: str = "train"
 ) -> dict[str, Any]:
     """The config dict the stock CLI builds from a YAML file and its flags."""
-    from fairchem.core.common.flags import flags
-    from fairchem.core.common.utils import build_config
+    from fairchem_dens.testing import cli_config
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = ["--mode", mode, "--config-yml", str(path), "--cpu", "--run-dir", str(run_dir)]
-    argv += ["--seed", str(seed), "--print-every", "1000000"]
-    args, overrides = flags.get_parser().parse_known_args(argv)
-    return build_config(args, overrides)
+    return cli_config(config, run_dir, seed, mode, extra_args=QUIET)
 
 
 @contextlib.contextmanager
@@ -388,15 +369,33 @@ def build_trainer(config: dict[str, Any], run_dir: Path, seed: int = 0) -> Any:
     )
 
 
+def eval_loader(trainer: Any, overrides: dict[str, Any]) -> Any:
+    """A loader of one more labelled split, built as fairchem builds its val loader (the train
+    split's settings, ``use_train_settings``, updated with ``overrides``: ``src``, ``sample_n``)."""
+    from fairchem.core.datasets.base_dataset import create_dataset
+
+    train = trainer.config["dataset"]  # fairchem keeps the train split's settings here
+    config = {k: v for k, v in train.items() if k not in ("sample_n", "first_n")}
+    dataset = create_dataset({**config, **overrides}, "val")
+    optim = trainer.config["optim"]
+    sampler = trainer.get_sampler(
+        dataset, optim.get("eval_batch_size", optim["batch_size"]), shuffle=False
+    )
+    return trainer.get_dataloader(dataset, sampler)
+
+
 def close_datasets(trainer: Any) -> None:
     """Close a trainer's LMDB environments."""
-    for name in ("train_dataset", "val_dataset", "test_dataset", "relax_dataset"):
-        dataset = getattr(trainer, name, None)
-        while dataset is not None and not hasattr(dataset, "path"):
-            dataset = getattr(dataset, "dataset", None)
-        for env in getattr(dataset, "envs", None) or [getattr(dataset, "env", None)]:
-            if env is not None:
-                env.close()
+    from fairchem_dens.testing import close_datasets
+
+    close_datasets(trainer)
+
+
+def close_lmdb(dataset: Any) -> None:
+    """Close a dataset's LMDB environments."""
+    from fairchem_dens.testing import close_lmdb
+
+    close_lmdb(dataset)
 
 
 def load_average() -> list[float]:
@@ -448,3 +447,41 @@ def stats(values: list[float] | np.ndarray) -> dict[str, float]:
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+
+
+#: One curve of a panel: (label, line style, runs), each run a list of (step, {"energy_mae",
+#: "forces_mae"} in eV and eV/Å) points.
+Curve = tuple[str, str, list[list[tuple[int, dict[str, float]]]]]
+
+
+def plot_curves(panels: list[tuple[str, list[Curve]]], path: Path, title: str) -> None:
+    """Energy and force MAE (meV, meV/Å) vs step, mean ± std over runs: a row per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for row, (panel, curves) in enumerate(panels):
+        for col, (key, unit) in enumerate((("energy_mae", "meV"), ("forces_mae", "meV/Å"))):
+            ax = axes[row, col]
+            for index, (label, style, runs) in enumerate(curves):
+                if not runs:
+                    continue
+                steps = np.array([step for step, _ in runs[0]])
+                values = np.array([[point[key] * 1000 for _, point in run] for run in runs])
+                mean, std = values.mean(0), values.std(0)
+                color = f"C{index}"
+                label = f"{label} (n={len(runs)})"
+                ax.plot(steps, mean, style, marker="o", ms=3, color=color, label=label)
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.15, color=color)
+            ax.set_title(f"{panel}: {key.replace('_', ' ')}", fontsize=9)
+            ax.set_ylabel(unit)
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            if col == 1:
+                ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -18,6 +18,7 @@ from e3nn import o3
 from torch_geometric.data import Batch, Data
 
 from fairchem_dens import keys
+from fairchem_dens.testing import cli_trainer
 
 #: A tiny EquiformerV2 backbone (arguments of fairchem's EquiformerV2Backbone).
 TINY_EQV2 = dict(
@@ -185,58 +186,8 @@ def write_config(config: dict[str, Any], path: Path) -> Path:
 def trainer_from_config(config: dict[str, Any], run_dir: Path, seed: int = 0) -> Iterator[Any]:
     """Build the trainer exactly as the stock CLI does (fairchem's config builder and trainer
     context, a one-process gloo group), and tear the process group down afterwards."""
-    from fairchem.core.common import distutils
-    from fairchem.core.common.flags import flags
-    from fairchem.core.common.utils import build_config, new_trainer_context
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_config(config, run_dir / "config.yml")
-    args, overrides = flags.get_parser().parse_known_args(
-        [
-            "--mode",
-            "train",
-            "--config-yml",
-            str(path),
-            "--cpu",
-            "--run-dir",
-            str(run_dir),
-            "--seed",
-            str(seed),
-        ]
-    )
-    built = build_config(args, overrides)
-    distutils.setup_env_local()
-    context = new_trainer_context(config=built)
-    try:
-        ctx = context.__enter__()
-    except BaseException as error:
-        distutils.cleanup()  # the context only cleans up after a successful start
-        traceback = error.__traceback__
-        while traceback is not None:  # close the LMDBs of the half-built trainer
-            candidate = traceback.tb_frame.f_locals.get("self")
-            if hasattr(candidate, "train_dataset"):
-                close_datasets(candidate)
-            traceback = traceback.tb_next
-        raise
-    try:
-        yield ctx.trainer
-    finally:
-        close_datasets(ctx.trainer)
-        context.__exit__(None, None, None)
-
-
-def close_lmdb(dataset: Any) -> None:
-    """Close a dataset's LMDB environments (lmdb 3 refuses to open one file twice)."""
-    while dataset is not None and not hasattr(dataset, "path"):
-        dataset = getattr(dataset, "dataset", None)
-    for env in getattr(dataset, "envs", None) or [getattr(dataset, "env", None)]:
-        if env is not None:
-            env.close()
-
-
-def close_datasets(trainer: Any) -> None:
-    for name in ("train_dataset", "val_dataset", "test_dataset", "relax_dataset"):
-        close_lmdb(getattr(trainer, name, None))
+    with cli_trainer(config, run_dir, seed=seed) as trainer:
+        yield trainer
 
 
 #: A tiny eSCN backbone (arguments of fairchem's eSCNBackbone).

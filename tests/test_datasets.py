@@ -8,13 +8,13 @@ import pytest
 import torch
 from fairchem.core.datasets import LmdbDataset
 from fairchem.core.datasets.lmdb_dataset import data_list_collater
-from helpers import close_lmdb
 from torch.utils.data import DataLoader
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig
 from fairchem_dens.datasets import DeNSLmdbDataset, DeNSOC22LmdbDataset
 from fairchem_dens.noise import Status
+from fairchem_dens.testing import close_lmdb
 
 FORCE_STD = 0.7
 
