@@ -141,6 +141,8 @@ def train_and_record(
     """
     import torch
 
+    from fairchem_dens.testing import close_lmdb
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     curve: list[dict[str, Any]] = []
     load_start = common.load_average()
@@ -182,7 +184,7 @@ def train_and_record(
         train_seconds = time.perf_counter() - began - eval_seconds
         params = sum(p.numel() for p in trainer.model.parameters())
         for loader in loaders.values():
-            common.close_lmdb(loader.dataset)
+            close_lmdb(loader.dataset)
     return {
         "steps": steps,
         "params": params,

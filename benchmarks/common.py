@@ -384,20 +384,6 @@ def eval_loader(trainer: Any, overrides: dict[str, Any]) -> Any:
     return trainer.get_dataloader(dataset, sampler)
 
 
-def close_datasets(trainer: Any) -> None:
-    """Close a trainer's LMDB environments."""
-    from fairchem_dens.testing import close_datasets
-
-    close_datasets(trainer)
-
-
-def close_lmdb(dataset: Any) -> None:
-    """Close a dataset's LMDB environments."""
-    from fairchem_dens.testing import close_lmdb
-
-    close_lmdb(dataset)
-
-
 def load_average() -> list[float]:
     """The 1/5/15-minute load averages (``uptime``)."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -248,8 +248,10 @@ def measure(model: str, layers: int, arms: list[str], rounds: int, warmup: int, 
                         trainers["builtin"], plain, 200
                     )
         finally:
+            from fairchem_dens.testing import close_datasets
+
             for trainer in trainers.values():
-                common.close_datasets(trainer)
+                close_datasets(trainer)
     return result
 
 
