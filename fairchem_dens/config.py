@@ -17,6 +17,9 @@ KEY = "optim.dens"
 
 CANDIDATE_MODES = ("free", "all")
 SCHEDULES = ("constant", "linear")
+#: Divisor of the Eq. 4 target under multi-scale noise: each structure's own σ (the paper's text)
+#: or σ_high (the authors' code behind the paper's multi-scale numbers).
+TARGET_SCALES = ("sigma", "sigma_high")
 
 
 class DeNSConfigError(ValueError):
@@ -41,6 +44,9 @@ class DeNSConfig:
     sigma_high: float = 0.5
     #: T — number of σ values in the Eq. 7 grid.
     num_sigmas: int = 50
+    #: Divisor of the noise target ε (Eq. 4) under multi-scale noise: "sigma" (each structure's
+    #: own σ, the paper's text) or "sigma_high" (the authors' code); identical for a fixed σ.
+    target_scale: str = "sigma"
     #: r_DeNS — probability that a candidate atom is corrupted (Alg. 1 l.15-16).
     corrupt_ratio: float = 1.0
     #: Candidate atoms: "free" (``fixed == 0``, OC20, App. B.1) or "all" (OC22, App. C.1).
@@ -135,6 +141,8 @@ class DeNSConfig:
             fail("coefficient", self.coefficient, "must be >= 0 (λ_DeNS)")
         if self.candidates not in CANDIDATE_MODES:
             fail("candidates", self.candidates, f"must be one of {list(CANDIDATE_MODES)}")
+        if self.target_scale not in TARGET_SCALES:
+            fail("target_scale", self.target_scale, f"must be one of {list(TARGET_SCALES)}")
         if self.schedule not in SCHEDULES:
             fail("schedule", self.schedule, f"must be one of {list(SCHEDULES)}")
         if self.loss is not None and self.loss not in ("l2mae", "l2norm", "mse", "mae"):
@@ -162,6 +170,16 @@ class DeNSConfig:
                     fail("epochs", list(self.epochs), "must be two numbers >= 0")
             if not start < end:
                 fail("epochs", list(self.epochs), "start must be < end")
+
+    def target_divisor(self, sigma: float) -> float:
+        """The divisor of ε in the Eq. 4 target ε/σ' for a structure corrupted with ``sigma`` (Å).
+
+        σ' = σ with a fixed σ or ``target_scale: sigma``; σ' = σ_high with multi-scale noise and
+        ``target_scale: sigma_high`` (the target then has std σ/σ_high ≤ 1).
+        """
+        if self.multi_scale and self.target_scale == "sigma_high":
+            return float(self.sigma_high)
+        return float(sigma)
 
     def coefficient_at(self, step: int, total_steps: int) -> float:
         """λ_DeNS at global optimizer step ``step`` of ``total_steps`` (App. D.2).

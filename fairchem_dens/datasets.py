@@ -112,7 +112,12 @@ class DeNSDatasetMixin:
         rng = structure_rng(self._dens_seed, self._dens_epoch, idx)
         corruption = draw_corruption(config, rng, candidates, forces.detach().numpy())
         return apply_corruption(
-            data, corruption, forces, self._dens_force_mean, self._dens_force_std
+            data,
+            corruption,
+            forces,
+            self._dens_force_mean,
+            self._dens_force_std,
+            config.target_divisor(corruption.sigma),
         )
 
 
@@ -122,6 +127,7 @@ def apply_corruption(
     forces: torch.Tensor,
     force_mean: float,
     force_std: float,
+    target_divisor: float | None = None,
 ) -> Any:
     """Write a :class:`Corruption` onto a structure ``Data`` (in place) and return it.
 
@@ -131,6 +137,8 @@ def apply_corruption(
         forces: (n, 3) raw forces in eV/Å.
         force_mean: forces normaliser mean (eV/Å).
         force_std: forces normaliser std σ_F (eV/Å).
+        target_divisor: σ' of the Eq. 4 target ε/σ' in Å (``DeNSConfig.target_divisor``);
+            None: the structure's own σ.
     """
     dtype = data.pos.dtype
     mask = torch.from_numpy(corruption.mask)
@@ -141,8 +149,9 @@ def apply_corruption(
     data[keys.DENS_STRUCTURE] = torch.tensor([is_dens])
     data[keys.DENS_SIGMA] = torch.tensor([corruption.sigma], dtype=dtype)
     data[keys.DENS_STATUS] = torch.tensor([int(corruption.status)], dtype=torch.long)
-    # Eq. 4 target: ε_i / σ on corrupted atoms, 0 elsewhere
-    data[keys.DENS_TARGET] = noise / corruption.sigma if is_dens else torch.zeros_like(noise)
+    # Eq. 4 target: ε_i / σ' on corrupted atoms (σ' = σ, or σ_high: `target_scale`), 0 elsewhere
+    divisor = corruption.sigma if target_divisor is None else target_divisor
+    data[keys.DENS_TARGET] = noise / divisor if is_dens else torch.zeros_like(noise)
     # Alg. 1 l.24: f̃'_i = f'_i · m_i with f'_i = f_i / σ_F the normalised force
     normalised = (forces.to(dtype) - force_mean) / force_std
     data[keys.DENS_FORCE_INPUT] = normalised * mask.unsqueeze(-1).to(dtype)

@@ -22,7 +22,8 @@ DENS_MASK = "dens_mask"
 #: (n_structures,) float32, Å — σ drawn for the structure (Alg. 1 l.10/12); 0 if original task.
 DENS_SIGMA = "dens_sigma"
 
-#: (n_atoms, 3) float32, dimensionless — ε_i / σ on corrupted atoms, 0 elsewhere (Eq. 4 target).
+#: (n_atoms, 3) float32, dimensionless — ε_i / σ' on corrupted atoms, 0 elsewhere (Eq. 4 target;
+#: σ' = σ, or σ_high under multi-scale noise with ``optim.dens.target_scale: sigma_high``).
 DENS_TARGET = "dens_target"
 
 #: (n_atoms, 3) float32, dimensionless — normalised forces f_i / σ_F on corrupted atoms, 0 elsewhere
