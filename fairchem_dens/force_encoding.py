@@ -1,6 +1,6 @@
 """Force encoding (Eq. 5) and the σ-encoding ablation (Table 1e idx 5).
 
-Both modules have no bias: a zero input gives an exactly zero embedding, so uncorrupted atoms,
+Both are DeNS-only modules (:class:`fairchem_dens.dens_only.DeNSOnly`) and have no bias: a zero input gives an exactly zero embedding, so uncorrupted atoms,
 original-task structures and evaluation structures see exactly the parent model.
 """
 
@@ -10,8 +10,10 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from fairchem_dens.dens_only import DeNSOnly
 
-class ForceEncoding(nn.Module):
+
+class ForceEncoding(DeNSOnly, nn.Module):
     """x_f^(L) = SO3_Linear^(L)(‖f‖ · Y^(L)(f / ‖f‖)) for 0 ≤ L ≤ Lmax (Eq. 5).
 
     With one input channel, the SO(3) linear layer of degree L is one weight per (L, channel),
@@ -53,7 +55,7 @@ class ForceEncoding(nn.Module):
         return scaled.unsqueeze(-1) * self.weight[self.expand_index].unsqueeze(0)
 
 
-class SigmaEncoding(nn.Module):
+class SigmaEncoding(DeNSOnly, nn.Module):
     """Encodes the structure's σ into the degree-0 channels (ablation, Table 1e idx 5).
 
     Args:

@@ -1,5 +1,6 @@
 """Noise heads: predict ε̂ ≈ ε/σ per atom (Alg. 1 l.28, Eq. 4).
 
+DeNS-only modules (:class:`fairchem_dens.dens_only.DeNSOnly`), built from their own random stream.
 Each runs only on batches that carry DeNS fields (training with DeNS active): on validation,
 predict and relaxation batches it returns nothing and costs nothing.
 """
@@ -14,10 +15,11 @@ from fairchem.core.models.equiformer_v2.heads import EqV2VectorHead
 from fairchem.core.models.escn.escn import eSCNForceHead
 
 from fairchem_dens import keys
+from fairchem_dens.dens_only import DeNSOnly, separate_rng
 
 
 @registry.register_model("dens_equiformer_v2_noise_head")
-class EqV2NoiseHead(EqV2VectorHead):
+class EqV2NoiseHead(DeNSOnly, EqV2VectorHead):
     """One additional equivariant graph-attention block on EquiformerV2's final node embeddings
     (App. B.1, C.1): fairchem's vector head, reading its degree-1 output as ε̂.
 
@@ -27,7 +29,8 @@ class EqV2NoiseHead(EqV2VectorHead):
     """
 
     def __init__(self, backbone: Any, output_name: str = keys.NOISE_OUTPUT) -> None:
-        super().__init__(backbone, output_name=output_name)
+        with separate_rng("noise_head"):  # the parent's heads start as without DeNS
+            super().__init__(backbone, output_name=output_name)
 
     def forward(self, data: Any, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         """(n_atoms, 3) noise prediction under ``output_name``; {} without DeNS fields."""
@@ -37,7 +40,7 @@ class EqV2NoiseHead(EqV2VectorHead):
 
 
 @registry.register_model("dens_escn_noise_head")
-class eSCNNoiseHead(eSCNForceHead):
+class eSCNNoiseHead(DeNSOnly, eSCNForceHead):
     """eSCN's own cheap output block for vectors (§4.1, Table 1d: +1.5% time): the per-sphere-point
     block fairchem's eSCN uses for forces, applied to the same sphere samples, read as ε̂.
 
@@ -47,7 +50,8 @@ class eSCNNoiseHead(eSCNForceHead):
     """
 
     def __init__(self, backbone: Any, output_name: str = keys.NOISE_OUTPUT) -> None:
-        super().__init__(backbone)
+        with separate_rng("noise_head"):  # the parent's heads start as without DeNS
+            super().__init__(backbone)
         self.output_name = output_name
 
     def forward(self, data: Any, emb: dict[str, Any]) -> dict[str, torch.Tensor]:

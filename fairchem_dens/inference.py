@@ -59,15 +59,11 @@ from torch_geometric.data import Batch
 
 from fairchem_dens import keys
 from fairchem_dens.datasets import find_dens_dataset
+from fairchem_dens.dens_only import DeNSOnly, is_dens_only
 from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
-from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
 
 #: File (in ``cmd.results_dir``) with the relaxed energies of ``--mode run-relaxations``.
 RELAXED_ENERGIES_FILE = "relaxed_energies.npz"
-
-#: Modules that exist only in a DeNS model (training-time DeNS; idle in inference).
-DENS_MODULES = (ForceEncoding, SigmaEncoding, EqV2NoiseHead, eSCNNoiseHead)
-DENS_HEADS = (EqV2NoiseHead, eSCNNoiseHead)
 
 #: Backbone attributes of the DeNS encodings (``fairchem_dens.models.base``) and how to rebuild one
 #: from a backbone, to learn its parameter names when a DeNS checkpoint loads into a plain model.
@@ -200,7 +196,7 @@ def _checkpoint_dens_heads(checkpoint: dict[str, Any]) -> dict[str, dict[str, An
             cls = registry.get_model_class(head.get("module", ""))
         except Exception:  # a head class this environment cannot import is no DeNS head
             continue
-        if isinstance(cls, type) and issubclass(cls, DENS_HEADS):
+        if isinstance(cls, type) and issubclass(cls, DeNSOnly):
             found[name] = head
     return found
 
@@ -389,7 +385,7 @@ class InferenceMixin:
         model_prefixes = [
             f"{name}."
             for name, module in self.model.named_modules()
-            if isinstance(module, DENS_MODULES)
+            if is_dens_only(module)
         ]
         dens_heads = _checkpoint_dens_heads(checkpoint)
         checkpoint_prefixes = [f"{wrap}backbone.{name}." for name in DENS_BACKBONE_ATTRIBUTES]

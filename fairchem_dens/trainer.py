@@ -39,8 +39,7 @@ from torch_geometric.data import Batch
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
-from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
-from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
+from fairchem_dens.dens_only import dens_only_parameters
 from fairchem_dens.inference import InferenceMixin
 from fairchem_dens.noise import Status
 
@@ -153,13 +152,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         """Parent's model, plus a hook that keeps the raw model output (it holds the noise)."""
         super().load_model()
         self._unwrapped_model.register_forward_hook(self._keep_model_output)
-        dens_only = (ForceEncoding, SigmaEncoding, EqV2NoiseHead, eSCNNoiseHead)
-        self._dens_parameters = [
-            parameter
-            for module in self._unwrapped_model.modules()
-            if isinstance(module, dens_only)
-            for parameter in module.parameters()
-        ]
+        self._dens_parameters = dens_only_parameters(self._unwrapped_model)
 
     def _keep_model_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self._model_output = output

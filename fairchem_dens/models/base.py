@@ -22,6 +22,7 @@ from fairchem.core.common import gp_utils
 from torch import nn
 
 from fairchem_dens import keys
+from fairchem_dens.dens_only import separate_rng
 from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
 
 
@@ -65,8 +66,13 @@ class DeNSEncodingMixin:
         self.use_force_encoding = use_force_encoding
         self.use_sigma_encoding = use_sigma_encoding
         channels = self.sphere_channels
-        self.force_encoding = ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
-        self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
+        # own random stream: the heads built after the backbone start as in the parent model
+        with separate_rng("force_encoding"):
+            self.force_encoding = (
+                ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
+            )
+        with separate_rng("sigma_encoding"):
+            self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
         self._dens_embedding: torch.Tensor | None = None
         hooked = self.get_submodule(self.dens_hook_module)
         if self.dens_hook_input:
