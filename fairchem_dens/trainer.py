@@ -17,6 +17,8 @@ and N loss atoms (free atoms if ``train_on_free_atoms``, plus corrupted atoms) o
 
 * L_E  = Σ_structures |E' − Ê| / B      (both tasks, Eq. 1 and Eq. 6; DeNS structures excluded
   when ``energy_on_dens: false``, Table 1e idx 3)
+* any other system-level target (stress, rank-2): original-task structures only, over the same
+  B (:func:`system_target_keep`)
 * L_F  = Σ_{uncorrupted loss atoms} ℓ(f̂, f') / N          (Eq. 1, Alg. 1 l.31 and l.36)
 * L_DeNS = Σ_{corrupted atoms} ℓ(ε̂, ε/σ) / N              (Eq. 4, Alg. 1 l.30)
 
@@ -41,7 +43,7 @@ from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
 from fairchem_dens.dens_only import dens_only_parameters
 from fairchem_dens.inference import InferenceMixin
-from fairchem_dens.noise import Status
+from fairchem_dens.noise import INELIGIBLE, Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
 DEFAULT_METRICS = {
@@ -100,8 +102,51 @@ def check_train_format(dataset: Any) -> None:
     if not (isinstance(dataset_class, type) and issubclass(dataset_class, DeNSDatasetMixin)):
         raise DeNSConfigError(
             f"dataset.train.format={found!r}: optim.dens needs a DeNS dataset, "
-            "fairchem_dens.datasets.DeNSLmdbDataset (OC20) or DeNSOC22LmdbDataset (OC22)"
+            "fairchem_dens.datasets.DeNSLmdbDataset (OC20), DeNSOC22LmdbDataset (OC22) or "
+            "DeNSAseDBDataset (ase_db, .aselmdb)"
         )
+
+
+def check_energy_targets(outputs: dict[str, Any], config: DeNSConfig) -> None:
+    """Every name in ``optim.dens.energy_targets`` is a system-level output (or a part of one)."""
+    if config.energy_targets is None:
+        return
+    levels = {name: (spec or {}).get("level", "system") for name, spec in outputs.items()}
+    for name, spec in outputs.items():
+        for part in (spec or {}).get("decomposition") or {}:
+            levels[part] = levels[name]
+    for name in config.energy_targets:
+        if levels.get(name) != "system":
+            raise DeNSConfigError(
+                f"optim.dens.energy_targets: {name!r} is not a system-level target of `outputs` "
+                f"(system-level: {sorted(k for k, v in levels.items() if v == 'system')})"
+            )
+
+
+def system_target_keep(
+    target_name: str, spec: dict[str, Any], is_dens: torch.Tensor, config: DeNSConfig
+) -> torch.Tensor:
+    """Which structures a system-level target trains on: (n_structures,) bool.
+
+    A DeNS structure's input is the corrupted geometry with the original forces (Eq. 5), and its
+    system-level labels belong to the original geometry. The targets named in
+    ``optim.dens.energy_targets`` (default: ``energy``; a decomposed target follows its parent's
+    name) are the energy of the original structure, which Eq. 6 trains on DeNS structures too,
+    unless ``energy_on_dens: false`` (Table 1e idx 3). Every other system-level target -- stress
+    and its isotropic/anisotropic parts, any rank-2 or geometry-dependent property -- is not
+    recoverable from the corrupted geometry: DeNS structures never train it. (Names, not
+    shapes, decide: the isotropic stress is a scalar, as the energy is.)
+
+    Args:
+        target_name: the loss target.
+        spec: its ``outputs`` entry as fairchem's ``load_task`` leaves it (``parent`` for parts).
+        is_dens: (n_structures,) bool, ``keys.DENS_STRUCTURE``.
+        config: the DeNS settings.
+    """
+    energy_like = {target_name, spec.get("parent")} & set(config.dens_energy_targets)
+    if energy_like and config.energy_on_dens:
+        return torch.ones_like(is_dens)
+    return ~is_dens
 
 
 @registry.register_trainer("dens_forces")
@@ -128,6 +173,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         self.dens: DeNSConfig | None = DeNSConfig.from_optim(optimizer)
         if self.dens is not None:
             check_train_format(dataset)
+            check_energy_targets(outputs, self.dens)
         evaluation_metrics = dict(evaluation_metrics or {})
         evaluation_metrics.setdefault("metrics", DEFAULT_METRICS)
         evaluation_metrics.setdefault("primary_metric", DEFAULT_PRIMARY_METRIC)
@@ -285,9 +331,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
                     keep = keep & free
                 denominator = num_atoms
             else:
-                keep = torch.ones_like(is_dens)
-                if not self.dens.energy_on_dens:
-                    keep = ~is_dens  # λ_E = 0 on DeNS structures (Table 1e idx 3)
+                keep = system_target_keep(target_name, spec, is_dens, self.dens)
                 denominator = num_structures
             target = target.view(pred.shape[0], -1)
             pred = pred.view(pred.shape[0], -1)
@@ -336,7 +380,9 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         fractions = {
             "dens_structure_fraction": batch[keys.DENS_STRUCTURE],
             "dens_atom_fraction": batch[keys.DENS_MASK],
-            "dens_eligible_fraction": (status != Status.MAX_FORCE) & (status != Status.MIN_ATOMS),
+            "dens_eligible_fraction": ~torch.isin(
+                status, torch.tensor(INELIGIBLE, device=status.device)
+            ),
             "dens_drawn_fraction": (status == Status.DENS)
             | (status == Status.NO_ATOM)
             | (status == Status.MAX_RATIO),

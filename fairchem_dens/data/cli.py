@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog=PROG,
         description="Generate small OC20/OC22-format S2EF + IS2RE LMDBs from ASE EMT BFGS "
-        "relaxations of adsorbates on fcc(111)/fcc(100) slabs.",
+        "relaxations of adsorbates on fcc(111)/fcc(100) slabs. `bulk` as the first argument: "
+        "EMT bulk cells with stress as .aselmdb (see `bulk --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output root directory")
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, generate the datasets, print a summary. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bulk"]:  # `python -m fairchem_dens.data bulk ...`: EMT bulk cells, .aselmdb
+        from .bulk import main as bulk_main
+
+        return bulk_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # Validate everything cheap before importing torch/ASE, with the CLI flag names.
