@@ -15,10 +15,14 @@ Pipeline per molecule (fully determined by ``(seed, molecule)`` and the MD argum
 2. **Dynamics:** ASE ``Langevin`` (BBK-type integrator) at ``temperature`` K with time step
    ``timestep_fs`` (0.5 fs, MD17's step) and friction ``friction_per_fs`` (0.01 fs⁻¹, i.e. a
    100 fs velocity relaxation time: weak enough to leave the vibrational dynamics intact, strong
-   enough to hold the temperature), centre of mass fixed. Initial velocities are Maxwell-Boltzmann
-   at ``temperature`` with no centre-of-mass motion or rotation. The forces are GFN2-xTB
-   (``tblite.ase.TBLite``, default accuracy, each SCF restarted from the previous step's
-   wavefunction).
+   enough to hold the temperature). Initial velocities are Maxwell-Boltzmann at ``temperature``
+   with no centre-of-mass motion or rotation. The forces are GFN2-xTB (``tblite.ase.TBLite``,
+   default accuracy, each SCF restarted from the previous step's wavefunction).
+   ``fixcm=False``: ASE 3.25's ``fixcm=True`` removes the centre-of-mass part of the random
+   momenta with a per-atom ``1/m_i`` factor, which over-heats light atoms; ethanol then ran at
+   ~650 K instead of 500 K (NVE conserves the energy, so it is the thermostat). With
+   ``fixcm=False`` it holds 500 K; the centre of mass diffuses, which changes nothing (every
+   stored frame is re-centred, energies and forces are translation invariant).
 3. **Sampling:** after ``equilibration`` steps (default 2000 = 1 ps = 10 thermostat relaxation
    times), one frame every ``spacing`` steps until ``train + val + test`` frames are recorded.
 4. **Split:** a seeded random permutation of the frames gives test, val and train (each split is
@@ -165,7 +169,7 @@ class MDTrajectory:
         name: canonical molecule name.
         smiles: SMILES it was built from.
         atomic_numbers: (n,) int64.
-        positions: (F, n, 3) float64, Å (the centre of mass stays at the start geometry's).
+        positions: (F, n, 3) float64, Å (as simulated: the centre of mass diffuses).
         energies: (F,) float64 GFN2-xTB total energies, eV.
         forces: (F, n, 3) float64 GFN2-xTB forces, eV/Å.
         steps: (F,) int64 MD step of each frame (counted from the start of equilibration).
@@ -258,7 +262,7 @@ def run_md(
         timestep=timestep_fs * units.fs,
         temperature_K=temperature,
         friction=friction_per_fs / units.fs,
-        fixcm=True,
+        fixcm=False,  # see the module docstring: fixcm=True over-heats the hydrogens
         rng=rng,
     )
     if equilibration:
@@ -336,8 +340,20 @@ def box_side(positions: np.ndarray) -> float:
     return float(math.ceil(d.max() + 2.0 * CELL_MARGIN))
 
 
-def _entries(traj: MDTrajectory, frames: np.ndarray, side: float, shift: np.ndarray) -> list:
-    """S2EF ``Data`` objects of the given frame indices (fields as the EMT writer's + pbc)."""
+def centred_positions(traj: MDTrajectory, side: float) -> np.ndarray:
+    """(F, n, 3) positions, Å, each frame translated so its centre of mass is the box centre."""
+    from ase.data import atomic_masses
+
+    mass = atomic_masses[traj.atomic_numbers]
+    com = np.einsum("i,fij->fj", mass, traj.positions) / mass.sum()  # (F, 3)
+    return traj.positions - com[:, None, :] + 0.5 * side
+
+
+def _entries(traj: MDTrajectory, frames: np.ndarray, side: float, pos: np.ndarray) -> list:
+    """S2EF ``Data`` objects of the given frame indices (fields as the EMT writer's + pbc).
+
+    ``pos`` are the (F, n, 3) positions to store (:func:`centred_positions`).
+    """
     import torch
     from torch_geometric.data import Data
 
@@ -353,7 +369,7 @@ def _entries(traj: MDTrajectory, frames: np.ndarray, side: float, shift: np.ndar
     }
     out = []
     for k in frames:
-        d = Data(pos=torch.from_numpy((traj.positions[k] + shift).astype(np.float32)), **static)
+        d = Data(pos=torch.from_numpy(pos[k].astype(np.float32)), **static)
         d.fid = int(traj.steps[k])
         d.y = float(traj.energies[k])
         d.force = torch.from_numpy(traj.forces[k].astype(np.float32))
@@ -410,16 +426,11 @@ def _write_molecule(out: Path, traj: MDTrajectory, splits: dict, extra: dict) ->
     from .lmdb_io import write_lmdb
 
     mdir = out / traj.name
-    from ase.data import atomic_masses
-
     side = box_side(traj.positions)
-    # Langevin(fixcm=True) keeps the centre of mass where it started; put it at the box centre.
-    mass = atomic_masses[traj.atomic_numbers]
-    com = (mass[:, None] * traj.positions[0]).sum(axis=0) / mass.sum()
-    shift = 0.5 * side - com
+    pos = centred_positions(traj, side)
     paths = {}
     for split in SPLITS:
-        paths[split] = str(write_lmdb(mdir / split, _entries(traj, splits[split], side, shift)))
+        paths[split] = str(write_lmdb(mdir / split, _entries(traj, splits[split], side, pos)))
     extra = {
         **extra,
         "smiles": traj.smiles,
