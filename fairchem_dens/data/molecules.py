@@ -41,6 +41,9 @@ Units: positions Å, energies eV, forces eV/Å, time fs, temperature K.
 
 Only numpy is imported at module level: ASE, RDKit and tblite are imported where the MD runs (so a
 worker process loads them after its thread count is pinned), torch where the LMDBs are written.
+tblite's C library cannot load into a process that has already imported torch (torch bundles an
+older ``libgomp`` without ``GOMP_5.0``), so the MD runs in this process only if torch is not
+loaded yet or tblite already is; otherwise in a spawned worker (see :func:`_run_all`).
 """
 
 from __future__ import annotations
@@ -122,6 +125,30 @@ def parse_molecules(molecules: str | Sequence[str]) -> tuple[str, ...]:
     if not items:
         raise ValueError(f"no molecules given (known: {', '.join(MOLECULES)})")
     return tuple(dict.fromkeys(canonical_name(m) for m in items))
+
+
+def tblite_loadable_here() -> bool:
+    """True if tblite can load in this process: it already did, or torch has not been imported.
+
+    Once torch is imported, its bundled ``libgomp`` (no ``GOMP_5.0``) shadows the one tblite's
+    C extension needs, and ``import tblite.ase`` fails.
+    """
+    return "tblite._libtblite" in sys.modules or "torch" not in sys.modules
+
+
+def _import_tblite_calculator() -> Any:
+    """``tblite.ase.TBLite``, with a one-line explanation if its C library cannot load."""
+    try:
+        from tblite.ase import TBLite
+    except ImportError as err:
+        if "torch" in sys.modules and "GOMP" in str(err.__cause__ or err):
+            raise ImportError(
+                "tblite cannot load after torch in one process (torch's bundled libgomp lacks "
+                "GOMP_5.0); import tblite before torch, or use generate_molecules(), which runs "
+                "the MD in a fresh process"
+            ) from err
+        raise
+    return TBLite
 
 
 def require_backends() -> None:
@@ -247,7 +274,8 @@ def run_md(
         Stationary,
         ZeroRotation,
     )
-    from tblite.ase import TBLite
+
+    TBLite = _import_tblite_calculator()
 
     t0 = time.perf_counter()
     atoms, rng = build_molecule(name, seed)
@@ -311,12 +339,12 @@ def _run_md_star(args: tuple) -> MDTrajectory:
 def _run_all(jobs: list[tuple], workers: int) -> Iterator[MDTrajectory]:
     """Run the MD jobs, yielding trajectories in job order as they finish.
 
-    In this process only if ``workers == 1`` and the thread count was pinned before numpy loaded
-    (the CLI does that); otherwise in spawned processes started with THREAD_ENV. Either way
-    OpenMP/BLAS is single-threaded (tblite reads OMP_NUM_THREADS when it loads), so the frames
-    are bitwise the same.
+    In this process only if ``workers == 1``, the thread count was pinned before numpy loaded
+    (the CLI does that) and tblite can load here (:func:`tblite_loadable_here`); otherwise in
+    spawned processes started with THREAD_ENV. Either way OpenMP/BLAS is single-threaded (tblite
+    reads OMP_NUM_THREADS when it loads), so the frames are bitwise the same.
     """
-    if workers == 1 and options.BLAS_PINNED:
+    if workers == 1 and options.BLAS_PINNED and tblite_loadable_here():
         for job in jobs:
             yield _run_md_star(job)
         return
