@@ -383,9 +383,7 @@ class InferenceMixin:
         wrap = "module." * next(iter(model_state)).count("module")  # as match_state_dict counts
 
         model_prefixes = [
-            f"{name}."
-            for name, module in self.model.named_modules()
-            if is_dens_only(module)
+            f"{name}." for name, module in self.model.named_modules() if is_dens_only(module)
         ]
         dens_heads = _checkpoint_dens_heads(checkpoint)
         checkpoint_prefixes = [f"{wrap}backbone.{name}." for name in DENS_BACKBONE_ATTRIBUTES]

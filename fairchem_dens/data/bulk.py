@@ -387,9 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser(prog: str = "fairchem_dens.data bulk") -> argparse.ArgumentParser:
     """A stand-alone parser of the ``bulk`` subcommand (one-line errors)."""
-    from .cli import _OneLineParser
+    from .cli import OneLineParser
 
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog,
         description="Generate strained, rattled EMT fcc bulk cells with energy, forces and "
         "stress as .aselmdb files (fairchem's ase_db format).",
