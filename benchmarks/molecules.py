@@ -404,6 +404,7 @@ def main() -> None:
     if not args.report:
         for molecule in args.molecules:
             ensure_data(molecule)
+        running = accuracy.running_workers()  # runs another launcher started and still runs
         specs = []
         # seed-major: a stopped sweep has every variant of the first seeds
         for seed in args.seeds:
@@ -412,6 +413,8 @@ def main() -> None:
                     name = run_name(molecule, variant, seed, args.train_frames)
                     run_dir = RUNS / name
                     if (run_dir / "result.json").exists() and not args.force:
+                        continue
+                    if f'"{run_dir}"' in running:
                         continue
                     specs.append(
                         {
