@@ -151,8 +151,12 @@ def test_one_epoch_nonperiodic_through_the_stock_cli_then_predict(
             r"Normalization values for output (\w+): mean=(\S+), rmsd=(\S+?)\.$", output, re.M
         )
     )
-    assert logged["energy"] == pytest.approx((stats["energy_mean"], stats["energy_std"]), rel=1e-6)
-    assert logged["forces"] == pytest.approx((0.0, stats["force_std"]), rel=1e-5)
+    # fairchem fits in float32: ~3e-5 eV resolution at -310 eV, and a float32 sum of squares.
+    assert logged["energy"] == pytest.approx((stats["energy_mean"], stats["energy_std"]), abs=1e-4)
+    # Its joint fit keeps the energy's N - 1 correction for the forces (md17_base.yml comment).
+    atoms = stats["num_atoms"]
+    fitted_forces = stats["force_std"] * (atoms / (atoms - 1)) ** 0.5
+    assert logged["forces"] == pytest.approx((0.0, fitted_forces), rel=1e-4)
 
     checkpoint = next(tmp_path.glob("checkpoints/*/checkpoint.pt"))
     run_cli(
