@@ -4,7 +4,7 @@ for several p_DeNS / r_DeNS, with the noise head on corrupted atoms only (after)
 
 One command (from the repository root)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py    # ~20 min on one CPU thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py    # ~10 min on an idle CPU
 
 All trainers of one model size live in one process (one gloo group, as the CLI sets up) and take
 turns on the same 8 training structures: each round draws one batch and runs every arm once on it,
@@ -25,9 +25,15 @@ Units (model, layers): EquiformerV2 at 2 and 4 layers, eSCN at 2 layers. Arms of
   runs its noise block on every atom, so its expected step at p is
   ``p · builtin_dens + (1 − p) · builtin_plain``.
 
-After the timed rounds, a few untimed rounds measure each arm's peak memory: the process's peak
-resident set (VmHWM, reset through ``/proc/self/clear_refs``) during the step minus the resident
-set at its start, after returning freed heap memory to the system (``malloc_trim``).
+Step times are the process's CPU time (``time.process_time``: it does not advance while the
+process waits for a core, so it resists the load of other jobs on a shared machine) and wall time;
+ratios are medians of per-round (paired) ratios.
+
+After all timed rounds, a memory stage (fresh trainers, one warm-up round, then untimed rounds)
+measures per arm the activations autograd saves for backward (exact, from
+``saved_tensors_hooks``) and the rise of the process's resident set during the step (VmHWM reset
+through ``/proc/self/clear_refs``, freed heap returned by ``malloc_trim``, blocks ≥ 64 KiB served
+by mmap so that freed tensors leave the resident set).
 
 Our corruption runs in the dataset's ``__getitem__`` (DataLoader workers), so it is not in a step;
 its cost per structure is timed separately and reported as a share of a step.
@@ -150,8 +156,8 @@ def arms_of(builtin: bool) -> list[str]:
     return arms
 
 
-def run_arm(trainers: dict[str, Any], arm: str, items: dict[str, list]) -> float:
-    """Run one arm's step on its version of the round's batch; seconds."""
+def run_arm(trainers: dict[str, Any], arm: str, items: dict[str, list]) -> tuple[float, float]:
+    """Run one arm's step on its version of the round's batch; (wall, CPU) seconds."""
     if arm in ("stock", "ours_plain", "builtin_plain", "builtin_dens"):
         trainer = trainers[arm.split("_")[0]]
         structures = items["plain"]
@@ -161,29 +167,36 @@ def run_arm(trainers: dict[str, Any], arm: str, items: dict[str, list]) -> float
         trainer._unwrapped_model.output_heads["dens_noise"].only_corrupted = kind == "after"
         structures = items[setting]
     batch = trainer.collater([item.clone() for item in structures])
-    began = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     if arm == "builtin_dens":
         builtin_dens_step(trainer, batch)
     else:
         train_step(trainer, batch)
-    return time.perf_counter() - began
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_arms(
     trainers: dict[str, Any], arms: list[str], draws: list[dict], warmup: int, seed: int
-) -> dict[str, list[float]]:
-    """Seconds per step of each arm, interleaved in a random order every round."""
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds per step of each arm, interleaved in a random order every round."""
     rng = np.random.default_rng(seed)
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    times: dict[str, dict[str, list[float]]] = {
+        clock: {arm: [] for arm in arms} for clock in CLOCKS
+    }
     for round_index, items in enumerate(draws):
         for arm in rng.permutation(arms):
-            elapsed = run_arm(trainers, str(arm), items)
+            wall, cpu = run_arm(trainers, str(arm), items)
             if round_index >= warmup:
-                times[str(arm)].append(elapsed)
+                times["wall"][str(arm)].append(wall)
+                times["cpu"][str(arm)].append(cpu)
     return times
 
 
+#: CPU time of the process (load-robust: it does not advance while the process waits for a
+#: core) and wall time.
+CLOCKS = ("cpu", "wall")
 _LIBC = ctypes.CDLL("libc.so.6")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _status_kib(field: str) -> int:
@@ -193,28 +206,69 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def peak_memory(
+class SavedActivations:
+    """Bytes of the distinct tensor storages autograd saves for backward during a step (what a
+    training step keeps alive between forward and backward), parameters excluded."""
+
+    def __init__(self, parameters: list[torch.Tensor]) -> None:
+        self.parameters = {p.untyped_storage().data_ptr() for p in parameters}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.parameters:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
+def memory_of_arms(
     trainers: dict[str, Any], arms: list[str], draws: list[dict], seed: int
 ) -> dict[str, dict[str, float]]:
-    """Per arm: median over ``draws`` of the step's peak resident set above its start (MiB), and
-    the largest peak resident set of the process (MiB)."""
+    """Per arm: the step's peak resident set above its start (median over ``draws``, MiB), the
+    process's largest peak resident set (MiB) and the activations saved for backward (median,
+    MiB). The first draw warms every arm up (optimizer state) and is not counted.
+
+    Call after :func:`use_mmap_for_large_blocks`, so freed tensors leave the resident set."""
     rng = np.random.default_rng(seed + 1)
-    rises: dict[str, list[float]] = {arm: [] for arm in arms}
-    peaks: dict[str, list[float]] = {arm: [] for arm in arms}
-    for items in draws:
+    found: dict[str, dict[str, list[float]]] = {
+        arm: {"rise": [], "peak": [], "saved": []} for arm in arms
+    }
+    for round_index, items in enumerate(draws):
         for arm in rng.permutation(arms):
+            arm = str(arm)
+            kind = "ours" if "@" in arm else arm.split("_")[0]
+            saved = SavedActivations(list(trainers[kind].model.parameters()))
             gc.collect()
             _LIBC.malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             start = _status_kib("VmRSS")
-            run_arm(trainers, str(arm), items)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
+                run_arm(trainers, arm, items)
             peak = _status_kib("VmHWM")
-            rises[str(arm)].append((peak - start) / 1024)
-            peaks[str(arm)].append(peak / 1024)
+            if round_index > 0:
+                found[arm]["rise"].append((peak - start) / 1024)
+                found[arm]["peak"].append(peak / 1024)
+                found[arm]["saved"].append(saved.mib)
     return {
-        arm: {"step_rise_mib": float(np.median(rises[arm])), "peak_rss_mib": max(peaks[arm])}
-        for arm in arms
+        arm: {
+            "step_rise_mib": float(np.median(v["rise"])),
+            "peak_rss_mib": float(max(v["peak"])),
+            "saved_activations_mib": float(np.median(v["saved"])),
+        }
+        for arm, v in found.items()
     }
+
+
+def use_mmap_for_large_blocks() -> None:
+    """Serve every block ≥ 64 KiB by its own mmap and trim the heap eagerly (glibc), so a freed
+    tensor leaves the resident set at once and VmHWM tracks the live tensors. Changes the cost of
+    allocation, so it is set only for the memory stage, after every timed round."""
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 * 1024)
 
 
 def transform_cost(trainer: Any, count: int, seed: int) -> dict[str, Any]:
@@ -265,7 +319,11 @@ def summarise(times: dict[str, list[float]], builtin: bool) -> dict[str, Any]:
             row["after_vs_builtin_dens"] = paired(after, times["builtin_dens"])
             row["before_vs_builtin_expected"] = paired(before, list(expected))
         rows[f"p={p:g},r={r:g}"] = row
-    return rows
+    return {
+        "step_seconds": {arm: common.stats(v) for arm, v in times.items()},
+        "ours_plain_vs_stock": paired(times["ours_plain"], times["stock"]),
+        "settings": rows,
+    }
 
 
 def corrupted_fractions(draws: list[dict]) -> dict[str, dict[str, float]]:
@@ -283,9 +341,8 @@ def corrupted_fractions(draws: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure(
-    model: str, layers: int, rounds: int, warmup: int, memory_rounds: int, seed: int
-) -> dict[str, Any]:
+def measure(model: str, layers: int, rounds: int, warmup: int, seed: int) -> dict[str, Any]:
+    """The timed rounds of one unit."""
     builtin = model == "eqv2"
     arms = arms_of(builtin)
     load_before = common.load_average()
@@ -294,30 +351,25 @@ def measure(
         trainers = make_trainers(model, layers, builtin, seed)
         try:
             rng = np.random.default_rng(seed)
-            draws = batches(trainers["ours"], rounds + warmup + memory_rounds, rng)
-            times = time_arms(trainers, arms, draws[: rounds + warmup], warmup, seed)
-            memory = peak_memory(trainers, arms, draws[rounds + warmup :], seed)
+            draws = batches(trainers["ours"], rounds + warmup, rng)
+            times = time_arms(trainers, arms, draws, warmup, seed)
             result: dict[str, Any] = {
                 "model": model,
                 "layers": layers,
                 "rounds": rounds,
                 "warmup": warmup,
-                "memory_rounds": memory_rounds,
                 "batch_size": BATCH,
                 "params": {
                     kind: sum(p.numel() for p in t.model.parameters())
                     for kind, t in trainers.items()
                 },
-                "corrupted_fractions": corrupted_fractions(draws[warmup : rounds + warmup]),
-                "step_seconds": {arm: common.stats(v) for arm, v in times.items()},
-                "ours_plain_vs_stock": paired(times["ours_plain"], times["stock"]),
-                "settings": summarise(times, builtin),
-                "memory": memory,
+                "corrupted_fractions": corrupted_fractions(draws[warmup:]),
+                "clocks": {clock: summarise(times[clock], builtin) for clock in CLOCKS},
                 "raw_step_seconds": times,
             }
             if layers == 2:
                 cost = transform_cost(trainers["ours"], 1000, seed)
-                step = np.median(times[setting_arm("after", 0.5, 1.0)])
+                step = np.median(times["wall"][setting_arm("after", 0.5, 1.0)])
                 result["transform_us_per_structure"] = cost
                 result["transform_share_of_step_percent"] = float(
                     100 * cost["median"] * BATCH * 1e-6 / step
@@ -333,33 +385,63 @@ def measure(
     return result
 
 
-def extrapolate(results: list[dict[str, Any]], model: str, layers: int = 12) -> dict | None:
+def measure_memory(model: str, layers: int, rounds: int, seed: int) -> dict[str, Any]:
+    """The memory rounds of one unit (after one warm-up round)."""
+    builtin = model == "eqv2"
+    load_before = common.load_average()
+    began = time.perf_counter()
+    with common.process_group():
+        trainers = make_trainers(model, layers, builtin, seed)
+        try:
+            draws = batches(trainers["ours"], rounds + 1, np.random.default_rng(seed + 1))
+            memory = memory_of_arms(trainers, arms_of(builtin), draws, seed)
+        finally:
+            from fairchem_dens.testing import close_datasets
+
+            for trainer in trainers.values():
+                close_datasets(trainer)
+    return {
+        "model": model,
+        "layers": layers,
+        "memory_rounds": rounds,
+        "arms": memory,
+        "load_before": load_before,
+        "load_after": common.load_average(),
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def extrapolate(
+    results: list[dict[str, Any]], model: str, clock: str = "cpu", layers: int = 12
+) -> dict | None:
     """DeNS step / stock step at ``layers`` layers from the measured depths, per setting: the
     stock step is fitted as α + β·L, and the DeNS extra (the noise head and force encoding,
-    independent of L) is the mean over depths of the median paired difference after − stock."""
+    independent of L) is the mean over depths of the median paired difference arm − stock."""
     rows = sorted((r for r in results if r["model"] == model), key=lambda r: r["layers"])
     if len({r["layers"] for r in rows}) < 2:
         return None
     depth = np.array([r["layers"] for r in rows], dtype=float)
-    stock = np.array([r["step_seconds"]["stock"]["median"] for r in rows])
+    stock = np.array([r["clocks"][clock]["step_seconds"]["stock"]["median"] for r in rows])
     beta, alpha = np.polyfit(depth, stock, 1)
     out: dict[str, Any] = {
+        "clock": clock,
         "layers": layers,
         "stock_seconds_fit": {"alpha": float(alpha), "beta_per_layer": float(beta)},
+        "settings": {},
     }
-    for name in rows[0]["settings"]:
+    for name in rows[0]["clocks"][clock]["settings"]:
         for kind in ("after", "before"):
             extra = float(
                 np.mean(
                     [
-                        r["settings"][name][f"{kind}_vs_stock"]["paired_difference_seconds"][
-                            "median"
-                        ]
+                        r["clocks"][clock]["settings"][name][f"{kind}_vs_stock"][
+                            "paired_difference_seconds"
+                        ]["median"]
                         for r in rows
                     ]
                 )
             )
-            out.setdefault(name, {})[kind] = {
+            out["settings"].setdefault(name, {})[kind] = {
                 "extra_seconds": extra,
                 "predicted_ratio": float(1 + extra / (alpha + beta * layers)),
             }
@@ -381,31 +463,36 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, no GPU lent to this task; torch {m['torch']} "
         f"with {meta['threads']} thread(s); fairchem-core {m['fairchem_core']}. Other jobs shared "
-        "the machine; load averages (1/5/15 min) are given per unit. Script wall time: "
-        f"{meta['seconds'] / 60:.1f} min.",
+        "the machine; load averages (1/5/15 min) are given per unit. Script time (all stages): "
+        f"{meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`.",
         "",
         f"Batches of {BATCH} training structures of the benchmark data; every arm runs once per "
-        "round on the same batch, in random order; ratios are medians [IQR] of per-round (paired) "
-        "ratios. *after*: noise head on corrupted atoms only (default); *before*: on every atom "
-        "(the previous head, same trainer and weights). Built-in: p-weighted mix of its DeNS and "
-        "plain steps (it runs its noise block on every atom of every step). Memory: median rise "
-        "of the resident set during a step (MiB).",
+        "round on the same batch, in random order. Ratios are medians [IQR] of per-round (paired) "
+        "ratios of the process's **CPU time** per step (it does not advance while the process "
+        "waits for a core, so it resists the load of other jobs); the wall-time ratio is given "
+        "too. *after*: noise head on corrupted atoms only (default); *before*: on every atom "
+        "(the previous head; same trainer, weights and batch). *built-in*: the p-weighted mix "
+        "of its DeNS and plain steps (it runs its noise block on every atom of every step). "
+        "Memory (separate untimed rounds): activations saved for backward (MiB, exact), and the "
+        "rise of the resident set during the step (MiB, glibc serving blocks ≥ 64 KiB by mmap).",
         "",
     ]
     for r in results:
         name = f"{NAMES[r['model']]}, {r['layers']} layers"
-        steps = r["step_seconds"]
+        cpu, wall = r["clocks"]["cpu"], r["clocks"]["wall"]
+        steps = cpu["step_seconds"]
+        mem = r.get("memory")
         lines += [
             f"## {name}",
             "",
-            f"{r['rounds']} rounds after {r['warmup']} warm-up, {r['memory_rounds']} memory rounds;"
-            f" {r['seconds'] / 60:.1f} min; load average before {r['load_before']}, after "
-            f"{r['load_after']}. Stock step {steps['stock']['median'] * 1e3:.0f} ms (IQR "
-            f"{steps['stock']['iqr'] * 1e3:.0f}); ours without DeNS fields / stock "
-            f"{_q(r['ours_plain_vs_stock'])}"
+            f"{r['rounds']} timed rounds after {r['warmup']} warm-up; {r['seconds'] / 60:.1f} min; "
+            f"load average before {r['load_before']}, after {r['load_after']}. Stock step "
+            f"{steps['stock']['median'] * 1e3:.0f} ms CPU (IQR {steps['stock']['iqr'] * 1e3:.0f}),"
+            f" {wall['step_seconds']['stock']['median'] * 1e3:.0f} ms wall; ours without DeNS "
+            f"fields / stock {_q(cpu['ours_plain_vs_stock'])}"
             + (
                 f"; built-in plain / DeNS step {steps['builtin_plain']['median'] * 1e3:.0f} / "
-                f"{steps['builtin_dens']['median'] * 1e3:.0f} ms."
+                f"{steps['builtin_dens']['median'] * 1e3:.0f} ms CPU."
                 if "builtin_dens" in steps
                 else "."
             ),
@@ -414,43 +501,61 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         builtin = "builtin_dens" in steps
         header = (
             "| p_DeNS | r_DeNS | corrupted atoms | after / stock | before / stock | after / before "
-            "| extra after / before (ms) |"
+            "| extra after / before (ms) | after / stock, wall |"
         )
-        rule = "|---|---|---|---|---|---|---|"
+        rule = "|---|---|---|---|---|---|---|---|"
         if builtin:
             header += " after / built-in | after / built-in DeNS step |"
             rule += "---|---|"
-        header += " memory rise after / before / stock (MiB) |"
-        rule += "---|"
+        if mem:
+            header += " saved activations after / before (MiB) | RSS rise after / before (MiB) |"
+            rule += "---|---|"
         lines += [header, rule]
-        mem = r["memory"]
-        for setting, row in r["settings"].items():
+        for setting, row in cpu["settings"].items():
             extra_after = row["after_vs_stock"]["paired_difference_seconds"]["median"] * 1e3
             extra_before = row["before_vs_stock"]["paired_difference_seconds"]["median"] * 1e3
             line = (
                 f"| {row['p']:g} | {row['r']:g} | "
                 f"{100 * r['corrupted_fractions'][setting]['atoms']:.1f} % | "
                 f"**{_q(row['after_vs_stock'])}** | {_q(row['before_vs_stock'])} | "
-                f"{_q(row['after_vs_before'])} | {extra_after:+.0f} / {extra_before:+.0f} |"
+                f"{_q(row['after_vs_before'])} | {extra_after:+.0f} / {extra_before:+.0f} | "
+                f"{_q(wall['settings'][setting]['after_vs_stock'])} |"
             )
             if builtin:
                 line += (
                     f" **{_q(row['after_vs_builtin_expected'])}** | "
                     f"{_q(row['after_vs_builtin_dens'])} |"
                 )
-            line += (
-                f" {mem[setting_arm('after', row['p'], row['r'])]['step_rise_mib']:.0f} / "
-                f"{mem[setting_arm('before', row['p'], row['r'])]['step_rise_mib']:.0f} / "
-                f"{mem['stock']['step_rise_mib']:.0f} |"
-            )
+            if mem:
+                a = mem["arms"][setting_arm("after", row["p"], row["r"])]
+                b = mem["arms"][setting_arm("before", row["p"], row["r"])]
+                line += (
+                    f" {a['saved_activations_mib']:.0f} / {b['saved_activations_mib']:.0f} | "
+                    f"{a['step_rise_mib']:.0f} / {b['step_rise_mib']:.0f} |"
+                )
             lines.append(line)
         lines.append("")
+        if mem:
+            parts = [
+                f"{arm} {mem['arms'][arm]['saved_activations_mib']:.0f} / "
+                f"{mem['arms'][arm]['step_rise_mib']:.0f}"
+                for arm in ("stock", "ours_plain", "builtin_plain", "builtin_dens")
+                if arm in mem["arms"]
+            ]
+            peak = max(v["peak_rss_mib"] for v in mem["arms"].values())
+            lines += [
+                "Memory of the other arms (saved activations / RSS rise, MiB): "
+                + "; ".join(parts)
+                + f". Largest process RSS {peak:.0f} MiB ({mem['memory_rounds']} rounds after "
+                f"one warm-up; load average {mem['load_before']} → {mem['load_after']}).",
+                "",
+            ]
         if "transform_us_per_structure" in r:
             t = r["transform_us_per_structure"]
             lines += [
                 f"Our corruption: {t['median']:.0f} µs per structure (IQR {t['iqr']:.0f}), "
-                f"{r['transform_share_of_step_percent']:.2f} % of a DeNS step (p 0.5, r 1) for a "
-                f"batch of {BATCH}; it runs in DataLoader workers, off the step's path.",
+                f"{r['transform_share_of_step_percent']:.2f} % of a DeNS step (p 0.5, r 1, wall) "
+                f"for a batch of {BATCH}; it runs in DataLoader workers, off the step's path.",
                 "",
             ]
     for model, fit in meta.get("extrapolation", {}).items():
@@ -460,11 +565,10 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         parts = [
             f"{setting}: {v['after']['predicted_ratio']:.3f} (before "
             f"{v['before']['predicted_ratio']:.3f})"
-            for setting, v in fit.items()
-            if isinstance(v, dict) and "after" in v
+            for setting, v in fit["settings"].items()
         ]
         lines.append(
-            f"- {NAMES[model]}: stock step ≈ {f['alpha'] * 1e3:.0f} ms + "
+            f"- {NAMES[model]} ({fit['clock']} time): stock step ≈ {f['alpha'] * 1e3:.0f} ms + "
             f"{f['beta_per_layer'] * 1e3:.0f} ms × layers; predicted DeNS/stock ratio at "
             f"{fit['layers']} layers (constant extra): " + "; ".join(parts) + "."
         )
@@ -477,15 +581,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     labels = [f"p={p:g}\nr={r:g}" for p, r in SETTINGS]
     x = np.arange(len(SETTINGS))
     width = 0.8 / (2 * len(results))
     ax = axes[0]
     for k, r in enumerate(results):
         name = f"{NAMES[r['model']]} L{r['layers']}"
+        rows = r["clocks"]["cpu"]["settings"].values()
         for j, kind in enumerate(("before", "after")):
-            values = [row[f"{kind}_vs_stock"]["paired"] for row in r["settings"].values()]
+            values = [row[f"{kind}_vs_stock"]["paired"] for row in rows]
             offset = (2 * k + j - len(results) + 0.5) * width
             ax.bar(
                 x + offset,
@@ -504,19 +609,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             )
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("DeNS step / stock step (paired median, IQR)")
-    ax.set_title("Step overhead: noise head on every atom (before) vs corrupted atoms (after)")
+    ax.set_ylabel("DeNS step / stock step (CPU time, paired median, IQR)")
+    ax.set_title("Noise head on every atom (before) vs on corrupted atoms (after)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
-    ax.title.set_fontsize(9)
     ax = axes[1]
     for k, r in enumerate(results):
-        if not any("after_vs_builtin_expected" in row for row in r["settings"].values()):
+        rows = r["clocks"]["cpu"]["settings"].values()
+        if not any("after_vs_builtin_expected" in row for row in rows):
             continue
         for kind, style in (("after", "-o"), ("before", ":s")):
-            values = [
-                row[f"{kind}_vs_builtin_expected"]["paired"] for row in r["settings"].values()
-            ]
+            values = [row[f"{kind}_vs_builtin_expected"]["paired"] for row in rows]
             ax.plot(
                 x,
                 [v["median"] for v in values],
@@ -526,8 +629,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             )
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("ours / built-in expected step (paired median)")
-    ax.set_title("Ours vs fairchem's built-in DeNS (p-weighted)", fontsize=9)
+    ax.set_ylabel("ours / built-in expected step (CPU time, paired median)")
+    ax.set_title("Ours vs fairchem's built-in DeNS (p-weighted mix of its steps)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -537,10 +640,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20, help="measured rounds at 2 layers")
-    parser.add_argument("--deep-rounds", type=int, default=14, help="measured rounds at 4 layers")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--memory-rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds at 2 layers")
+    parser.add_argument("--deep-rounds", type=int, default=6, help="timed rounds at 4 layers")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-rounds", type=int, default=2, help="0: no memory stage")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="ignore kept unit results")
@@ -551,39 +654,59 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     common.ensure_data()
     machine = common.machine()
+    UNITS_DIR.mkdir(parents=True, exist_ok=True)
     plan = []
     for unit in args.units:
         model, layers = unit.split(":")
         plan.append((model, int(layers), args.rounds if int(layers) == 2 else args.deep_rounds))
-    UNITS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def kept(path: Path, **expected: Any) -> dict | None:
+        if args.fresh or not path.exists():
+            return None
+        found = json.loads(path.read_text())
+        return found if all(found.get(k) == v for k, v in expected.items()) else None
+
     results = []
-    for model, layers, rounds in plan:
-        unit = UNITS_DIR / f"{model}_L{layers}.json"
-        if unit.exists() and not args.fresh:
-            kept = json.loads(unit.read_text())
-            if kept["rounds"] == rounds and kept["warmup"] == args.warmup:
-                print(f"{model} L={layers}: kept ({unit})", flush=True)
-                results.append(kept)
-                continue
-        print(f"{model} L={layers}: {rounds} rounds", flush=True)
-        result = measure(model, layers, rounds, args.warmup, args.memory_rounds, args.seed)
-        for setting, row in result["settings"].items():
+    for model, layers, rounds in plan:  # stage 1: timed rounds
+        path = UNITS_DIR / f"{model}_L{layers}.json"
+        result = kept(path, rounds=rounds, warmup=args.warmup)
+        if result is None:
+            print(f"{model} L={layers}: {rounds} timed rounds", flush=True)
+            result = measure(model, layers, rounds, args.warmup, args.seed)
+            common.write_json(path, result)
+        for setting, row in result["clocks"]["cpu"]["settings"].items():
             print(
-                f"  {setting}: after/stock {row['after_vs_stock']['paired']['median']:.3f}, "
-                f"before/stock {row['before_vs_stock']['paired']['median']:.3f}",
+                f"  {model} L={layers} {setting}: after/stock "
+                f"{row['after_vs_stock']['paired']['median']:.3f}, before/stock "
+                f"{row['before_vs_stock']['paired']['median']:.3f} (CPU time)",
                 flush=True,
             )
-        common.write_json(unit, result)
         results.append(result)
+    if args.memory_rounds:  # stage 2: memory, after every timed round (allocator settings)
+        use_mmap_for_large_blocks()
+        for result in results:
+            model, layers = result["model"], result["layers"]
+            path = UNITS_DIR / f"{model}_L{layers}_memory.json"
+            memory = kept(path, memory_rounds=args.memory_rounds)
+            if memory is None:
+                print(f"{model} L={layers}: {args.memory_rounds} memory rounds", flush=True)
+                memory = measure_memory(model, layers, args.memory_rounds, args.seed)
+                common.write_json(path, memory)
+            result["memory"] = memory
     meta = {
         "code": CODE,
         "machine": machine,
         "threads": args.threads,
-        "seconds": float(sum(r["seconds"] for r in results)),
+        "seconds": float(
+            sum(r["seconds"] + r.get("memory", {}).get("seconds", 0.0) for r in results)
+        ),
         "dens": common.DENS,
         "settings": SETTINGS,
         "command": " ".join(["benchmarks/overhead.py", *sys.argv[1:]]),
         "extrapolation": {model: extrapolate(results, model) for model in ("eqv2", "escn")},
+        "extrapolation_wall": {
+            model: extrapolate(results, model, "wall") for model in ("eqv2", "escn")
+        },
     }
     common.write_json(common.RESULTS / "overhead.json", {"meta": meta, "results": results})
     (common.RESULTS / "overhead.md").write_text(markdown(results, meta))
