@@ -290,10 +290,14 @@ def transform_cost(trainer: Any, count: int, seed: int) -> dict[str, Any]:
 
 
 def paired(values: list[float], base: list[float]) -> dict[str, Any]:
-    """Per-round ratio values/base (same batch), the paired difference, the ratio of medians."""
+    """Per-round ratio values/base (same batch) with a bootstrap 90 % interval of its median,
+    the paired difference, the ratio of medians."""
     values, base = np.array(values), np.array(base)
+    ratio = values / base
+    resampled = np.random.default_rng(0).choice(ratio, (2000, ratio.size), replace=True)
+    low, high = np.percentile(np.median(resampled, axis=1), [5, 95])
     return {
-        "paired": common.stats(values / base),
+        "paired": {**common.stats(ratio), "ci90_low": float(low), "ci90_high": float(high)},
         "paired_difference_seconds": common.stats(values - base),
         "ratio_of_medians": float(np.median(values) / np.median(base)),
     }
@@ -310,6 +314,7 @@ def summarise(times: dict[str, list[float]], builtin: bool) -> dict[str, Any]:
             "after_vs_stock": paired(after, times["stock"]),
             "before_vs_stock": paired(before, times["stock"]),
             "after_vs_before": paired(after, before),
+            "after_vs_ours_plain": paired(after, times["ours_plain"]),
         }
         if builtin:
             expected = p * np.array(times["builtin_dens"]) + (1 - p) * np.array(
@@ -449,8 +454,9 @@ def extrapolate(
 
 
 def _q(stats: dict[str, Any]) -> str:
+    """Paired median ratio with its bootstrap 90 % interval."""
     s = stats["paired"]
-    return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]"
+    return f"{s['median']:.3f} ({s['ci90_low']:.2f}–{s['ci90_high']:.2f})"
 
 
 NAMES = {"eqv2": "EquiformerV2", "escn": "eSCN"}
@@ -467,7 +473,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`.",
         "",
         f"Batches of {BATCH} training structures of the benchmark data; every arm runs once per "
-        "round on the same batch, in random order. Ratios are medians [IQR] of per-round (paired) "
+        "round on the same batch, in random order. Ratios are medians (bootstrap 90 % interval of "
+        "the median) of per-round (paired) "
         "ratios of the process's **CPU time** per step (it does not advance while the process "
         "waits for a core, so it resists the load of other jobs); the wall-time ratio is given "
         "too. *after*: noise head on corrupted atoms only (default); *before*: on every atom "
@@ -501,9 +508,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         builtin = "builtin_dens" in steps
         header = (
             "| p_DeNS | r_DeNS | corrupted atoms | after / stock | before / stock | after / before "
-            "| extra after / before (ms) | after / stock, wall |"
+            "| after / ours without DeNS | extra after / before (ms) | after / stock, wall |"
         )
-        rule = "|---|---|---|---|---|---|---|---|"
+        rule = "|---|---|---|---|---|---|---|---|---|"
         if builtin:
             header += " after / built-in | after / built-in DeNS step |"
             rule += "---|---|"
@@ -518,7 +525,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {row['p']:g} | {row['r']:g} | "
                 f"{100 * r['corrupted_fractions'][setting]['atoms']:.1f} % | "
                 f"**{_q(row['after_vs_stock'])}** | {_q(row['before_vs_stock'])} | "
-                f"{_q(row['after_vs_before'])} | {extra_after:+.0f} / {extra_before:+.0f} | "
+                f"{_q(row['after_vs_before'])} | {_q(row['after_vs_ours_plain'])} | "
+                f"{extra_after:+.0f} / {extra_before:+.0f} | "
                 f"{_q(wall['settings'][setting]['after_vs_stock'])} |"
             )
             if builtin:
@@ -602,14 +610,14 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 hatch="//" if kind == "before" else None,
                 label=f"{name} {kind}",
                 yerr=[
-                    [v["median"] - v["q1"] for v in values],
-                    [v["q3"] - v["median"] for v in values],
+                    [v["median"] - v["ci90_low"] for v in values],
+                    [v["ci90_high"] - v["median"] for v in values],
                 ],
                 error_kw={"lw": 0.8},
             )
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("DeNS step / stock step (CPU time, paired median, IQR)")
+    ax.set_ylabel("DeNS step / stock step (CPU time, paired median, 90 % CI)")
     ax.set_title("Noise head on every atom (before) vs on corrupted atoms (after)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
@@ -674,6 +682,9 @@ def main() -> None:
             print(f"{model} L={layers}: {rounds} timed rounds", flush=True)
             result = measure(model, layers, rounds, args.warmup, args.seed)
             common.write_json(path, result)
+        result["clocks"] = {  # summaries from the raw step times (kept units too)
+            clock: summarise(result["raw_step_seconds"][clock], model == "eqv2") for clock in CLOCKS
+        }
         for setting, row in result["clocks"]["cpu"]["settings"].items():
             print(
                 f"  {model} L={layers} {setting}: after/stock "
