@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 #: Prefix of every key in error messages.
@@ -65,6 +66,19 @@ class DeNSConfig:
     seed: int | None = None
     #: eV/Å: structures whose largest candidate force norm exceeds it are never DeNS structures.
     max_force_norm: float | None = None
+    #: eV/Å³ (ASE's and fairchem's stress unit; 1 eV/Å³ = 160.2 GPa): structures whose stress
+    #: Frobenius norm exceeds it are never DeNS structures; needs stress labels.
+    max_stress_norm: float | None = None
+    #: Name of a per-structure data field; structures where it is non-zero are never corrupted
+    #: (the DeNS authors' ``md`` flag for OC20's MD frames); None: no flag.
+    skip_flag: str | None = "md"
+    #: Text file of training-dataset indices (one per line) never corrupted; None: no list.
+    skip_list: str | None = None
+    #: System-level targets that DeNS structures train (the energy of the original structure,
+    #: Eq. 6, subject to ``energy_on_dens``); every other system-level target (stress, rank-2,
+    #: any property of the uncorrupted geometry) never trains on a DeNS structure.
+    #: None: ``["energy"]``.
+    energy_targets: tuple[str, ...] | None = None
     #: Structures with fewer candidate atoms than this are never DeNS structures.
     min_num_atoms: int | None = None
     #: Structures whose drawn corrupted fraction exceeds it fall back to the original task.
@@ -92,6 +106,8 @@ class DeNSConfig:
                 f"{KEY}.{unknown[0]}: unknown DeNS key (known: {', '.join(sorted(names))})"
             )
         values = dict(section)
+        if isinstance(values.get("energy_targets"), list):
+            values["energy_targets"] = tuple(values["energy_targets"])
         if values.get("epochs") is not None:
             epochs = values["epochs"]
             if not isinstance(epochs, (list, tuple)) or len(epochs) != 2:
@@ -154,6 +170,21 @@ class DeNSConfig:
         number("max_force_norm", allow_none=True)
         if self.max_force_norm is not None and self.max_force_norm <= 0:
             fail("max_force_norm", self.max_force_norm, "must be > 0 (eV/Å)")
+        number("max_stress_norm", allow_none=True)
+        if self.max_stress_norm is not None and self.max_stress_norm <= 0:
+            fail("max_stress_norm", self.max_stress_norm, "must be > 0 (eV/Å³)")
+        if self.skip_flag is not None and not (isinstance(self.skip_flag, str) and self.skip_flag):
+            fail("skip_flag", self.skip_flag, "must be a data field name or null")
+        if self.skip_list is not None:
+            if not isinstance(self.skip_list, str) or not self.skip_list:
+                fail("skip_list", self.skip_list, "must be a file path or null")
+            if not Path(self.skip_list).is_file():
+                fail("skip_list", self.skip_list, "file not found")
+        if self.energy_targets is not None and not (
+            isinstance(self.energy_targets, (tuple, list))
+            and all(isinstance(name, str) and name for name in self.energy_targets)
+        ):
+            fail("energy_targets", self.energy_targets, "must be a list of target names")
         if self.min_num_atoms is not None and (
             isinstance(self.min_num_atoms, bool)
             or not isinstance(self.min_num_atoms, int)
@@ -170,6 +201,11 @@ class DeNSConfig:
                     fail("epochs", list(self.epochs), "must be two numbers >= 0")
             if not start < end:
                 fail("epochs", list(self.epochs), "start must be < end")
+
+    @property
+    def dens_energy_targets(self) -> tuple[str, ...]:
+        """System-level targets DeNS structures train (``energy_targets``, default the energy)."""
+        return ("energy",) if self.energy_targets is None else tuple(self.energy_targets)
 
     def target_divisor(self, sigma: float) -> float:
         """The divisor of ε in the Eq. 4 target ε/σ' for a structure corrupted with ``sigma`` (Å).

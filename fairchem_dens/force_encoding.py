@@ -1,7 +1,8 @@
 """Force encoding (Eq. 5) and the σ-encoding ablation (Table 1e idx 5).
 
-Both are DeNS-only modules (:class:`fairchem_dens.dens_only.DeNSOnly`) and have no bias: a zero input gives an exactly zero embedding, so uncorrupted atoms,
-original-task structures and evaluation structures see exactly the parent model.
+Both are DeNS-only modules (:class:`fairchem_dens.dens_only.DeNSOnly`) and have no bias: a zero
+input gives an exactly zero embedding, so uncorrupted atoms, original-task structures and
+evaluation structures see exactly the parent model.
 """
 
 from __future__ import annotations

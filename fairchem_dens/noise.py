@@ -24,6 +24,12 @@ class Status(IntEnum):
     MAX_FORCE = 3  # ineligible: largest candidate force norm above ``max_force_norm``
     MIN_ATOMS = 4  # ineligible: fewer candidate atoms than ``min_num_atoms``
     MAX_RATIO = 5  # drawn corrupted fraction above ``max_corrupted_ratio``: original task
+    OPT_OUT = 6  # never corrupted: carries the ``skip_flag`` or is listed in ``skip_list``
+    MAX_STRESS = 7  # ineligible: stress norm above ``max_stress_norm``
+
+
+#: Statuses of structures that may never be DeNS structures (filters and opt-outs).
+INELIGIBLE = (Status.MAX_FORCE, Status.MIN_ATOMS, Status.OPT_OUT, Status.MAX_STRESS)
 
 
 def sigma_grid(sigma_low: float, sigma_high: float, num_sigmas: int) -> np.ndarray:
@@ -37,6 +43,12 @@ def sigma_grid(sigma_low: float, sigma_high: float, num_sigmas: int) -> np.ndarr
     return np.exp(
         np.log(sigma_low) + k / (num_sigmas - 1) * (np.log(sigma_high) - np.log(sigma_low))
     )
+
+
+def stress_norm(stress: np.ndarray) -> float:
+    """Frobenius norm ‖σ‖_F = sqrt(Σ_ab σ_ab²) of a (3, 3) (or 9-component) stress, in its unit
+    (eV/Å³ for fairchem's labels); invariant under rotations."""
+    return float(np.sqrt(np.square(np.asarray(stress, dtype=np.float64)).sum()))
 
 
 def structure_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -71,19 +83,28 @@ def draw_corruption(
     rng: np.random.Generator,
     candidates: np.ndarray,
     forces: np.ndarray | None = None,
+    stress: np.ndarray | None = None,
+    opt_out: bool = False,
 ) -> Corruption:
     """Decide and draw the corruption of one structure (Alg. 1 l.7-23).
+
+    The filters run before any random number is drawn, so a structure's draw never depends on
+    whether another structure was filtered.
 
     Args:
         config: validated DeNS settings.
         rng: the structure's own generator (:func:`structure_rng`).
         candidates: (n,) bool, atoms that may be corrupted (free atoms in OC20 mode).
         forces: (n, 3) raw forces in eV/Å; read only by the ``max_force_norm`` filter.
+        stress: (3, 3) raw stress in eV/Å³ (ASE's unit); read only by ``max_stress_norm``.
+        opt_out: the structure opted out (``skip_flag`` / ``skip_list``): never corrupted.
 
     Returns:
         The :class:`Corruption`; non-candidate atoms are never corrupted.
     """
     n = candidates.shape[0]
+    if opt_out:
+        return Corruption.original(n, Status.OPT_OUT)
     num_candidates = int(candidates.sum())
     if config.min_num_atoms is not None and num_candidates < config.min_num_atoms:
         return Corruption.original(n, Status.MIN_ATOMS)
@@ -93,6 +114,11 @@ def draw_corruption(
         largest = float(np.linalg.norm(forces[candidates], axis=-1).max())
         if largest > config.max_force_norm:
             return Corruption.original(n, Status.MAX_FORCE)
+    if config.max_stress_norm is not None:
+        if stress is None:
+            raise ValueError("max_stress_norm needs the structure's stress")
+        if stress_norm(stress) > config.max_stress_norm:
+            return Corruption.original(n, Status.MAX_STRESS)
 
     if rng.random() >= config.prob:  # Alg. 1 l.7-8: p ~ U(0, 1), DeNS if p < p_DeNS
         return Corruption.original(n, Status.ORIGINAL)

@@ -18,9 +18,13 @@ DATASET_ATTRIBUTES = ("train_dataset", "val_dataset", "test_dataset", "relax_dat
 
 def close_lmdb(dataset: Any) -> None:
     """Close a dataset's LMDB environments (lmdb 3 refuses to open one file twice per process);
-    ``dataset`` may be a fairchem ``Subset`` wrapping the LMDB dataset, or ``None``."""
-    while dataset is not None and not hasattr(dataset, "path"):
+    ``dataset`` may be a fairchem ``Subset`` wrapping the LMDB or ASE-DB dataset, or ``None``.
+    For an ASE-DB dataset (``.aselmdb``) every database of ``dbs`` is closed."""
+    while dataset is not None and not hasattr(dataset, "path") and not hasattr(dataset, "dbs"):
         dataset = getattr(dataset, "dataset", None)
+    for db in getattr(dataset, "dbs", None) or ():
+        if hasattr(db, "close"):
+            db.close()
     for env in getattr(dataset, "envs", None) or [getattr(dataset, "env", None)]:
         if env is not None:
             env.close()

@@ -30,6 +30,8 @@ and N loss atoms (free atoms if ``train_on_free_atoms``, plus corrupted atoms) o
 
 * L_E  = Σ_structures ℓ(Ê, E') / B       (both tasks, Eq. 1 and Eq. 6; DeNS structures excluded
   when ``energy_on_dens: false``, Table 1e idx 3)
+* any other system-level target (stress, rank-2): original-task structures only, over the same
+  B (:func:`system_target_keep`)
 * L_F  = Σ_{uncorrupted loss atoms} ℓ(f̂, f') / N          (Eq. 1, Alg. 1 l.31 and l.36)
 * L_DeNS = Σ_{corrupted atoms} ℓ(ε̂, ε/σ) / N              (Eq. 4, Alg. 1 l.30)
 
@@ -66,7 +68,7 @@ from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
 from fairchem_dens.dens_only import dens_only_parameters, is_dens_only
 from fairchem_dens.inference import InferenceMixin, metadata_file
-from fairchem_dens.noise import Status
+from fairchem_dens.noise import INELIGIBLE, Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
 DEFAULT_METRICS = {
@@ -180,8 +182,51 @@ def check_train_format(dataset: Any) -> None:
     if not (isinstance(dataset_class, type) and issubclass(dataset_class, DeNSDatasetMixin)):
         raise DeNSConfigError(
             f"dataset.train.format={found!r}: optim.dens needs a DeNS dataset, "
-            "fairchem_dens.datasets.DeNSLmdbDataset (OC20) or DeNSOC22LmdbDataset (OC22)"
+            "fairchem_dens.datasets.DeNSLmdbDataset (OC20), DeNSOC22LmdbDataset (OC22) or "
+            "DeNSAseDBDataset (ase_db, .aselmdb)"
         )
+
+
+def check_energy_targets(outputs: dict[str, Any], config: DeNSConfig) -> None:
+    """Every name in ``optim.dens.energy_targets`` is a system-level output (or a part of one)."""
+    if config.energy_targets is None:
+        return
+    levels = {name: (spec or {}).get("level", "system") for name, spec in outputs.items()}
+    for name, spec in outputs.items():
+        for part in (spec or {}).get("decomposition") or {}:
+            levels[part] = levels[name]
+    for name in config.energy_targets:
+        if levels.get(name) != "system":
+            raise DeNSConfigError(
+                f"optim.dens.energy_targets: {name!r} is not a system-level target of `outputs` "
+                f"(system-level: {sorted(k for k, v in levels.items() if v == 'system')})"
+            )
+
+
+def system_target_keep(
+    target_name: str, spec: dict[str, Any], is_dens: torch.Tensor, config: DeNSConfig
+) -> torch.Tensor:
+    """Which structures a system-level target trains on: (n_structures,) bool.
+
+    A DeNS structure's input is the corrupted geometry with the original forces (Eq. 5), and its
+    system-level labels belong to the original geometry. The targets named in
+    ``optim.dens.energy_targets`` (default: ``energy``; a decomposed target follows its parent's
+    name) are the energy of the original structure, which Eq. 6 trains on DeNS structures too,
+    unless ``energy_on_dens: false`` (Table 1e idx 3). Every other system-level target -- stress
+    and its isotropic/anisotropic parts, any rank-2 or geometry-dependent property -- is not
+    recoverable from the corrupted geometry: DeNS structures never train it. (Names, not
+    shapes, decide: the isotropic stress is a scalar, as the energy is.)
+
+    Args:
+        target_name: the loss target.
+        spec: its ``outputs`` entry as fairchem's ``load_task`` leaves it (``parent`` for parts).
+        is_dens: (n_structures,) bool, ``keys.DENS_STRUCTURE``.
+        config: the DeNS settings.
+    """
+    energy_like = {target_name, spec.get("parent")} & set(config.dens_energy_targets)
+    if energy_like and config.energy_on_dens:
+        return torch.ones_like(is_dens)
+    return ~is_dens
 
 
 def follow_epochs(sampler: Any, dataset: DeNSDatasetMixin) -> None:
@@ -225,6 +270,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         if self.dens is not None:
             check_dens_epochs(self.dens)
             check_train_format(dataset)
+            check_energy_targets(outputs, self.dens)
         evaluation_metrics = dict(evaluation_metrics or {})
         evaluation_metrics.setdefault("metrics", DEFAULT_METRICS)
         evaluation_metrics.setdefault("primary_metric", DEFAULT_PRIMARY_METRIC)
@@ -445,7 +491,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
                     keep = keep & free
                 denominator = num_atoms
             else:
-                keep = torch.ones_like(is_dens) if self.dens.energy_on_dens else ~is_dens
+                keep = system_target_keep(target_name, spec, is_dens, self.dens)
                 denominator = num_structures
             target = target.view(pred.shape[0], -1)
             pred = pred.view(pred.shape[0], -1)
@@ -539,7 +585,9 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         fractions = {
             "dens_structure_fraction": batch[keys.DENS_STRUCTURE],
             "dens_atom_fraction": batch[keys.DENS_MASK],
-            "dens_eligible_fraction": (status != Status.MAX_FORCE) & (status != Status.MIN_ATOMS),
+            "dens_eligible_fraction": ~torch.isin(
+                status, torch.tensor(INELIGIBLE, device=status.device)
+            ),
             "dens_drawn_fraction": (status == Status.DENS)
             | (status == Status.NO_ATOM)
             | (status == Status.MAX_RATIO),
@@ -572,35 +620,33 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         self, out: dict[str, torch.Tensor], batch: Any, structures: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Batch]:
         """The outputs and the batch restricted to the structures selected by the (n_structures,)
-        mask ``structures``: the batch's atom- and structure-level tensors masked (the
-        collation's slices tell which is which) and ``batch``/``ptr`` renumbered."""
+        mask ``structures``: every tensor the collation concatenated along dim 0 keeps the rows
+        of the selected structures (the collation's slices give each structure's rows: atoms,
+        one row, the 3 rows of a 3x3 stress, ...); ``batch``/``ptr`` are renumbered."""
         atoms = structures[batch.batch]  # (n_atoms,)
-
-        def cut(value: torch.Tensor, atom_level: bool) -> torch.Tensor:
-            return value[atoms] if atom_level else value[structures]
-
         sub_out = {
-            name: cut(value, self.output_targets[name].get("level") == "atom")
+            name: value[atoms]
+            if self.output_targets[name].get("level") == "atom"
+            else value[structures]
             for name, value in out.items()
         }
-        num_atoms, num_structures = batch.batch.numel(), batch.natoms.numel()
         slices = getattr(batch, "_slice_dict", None) or {}
-        atom_slices = slices.get("pos")
-        structure_slices = torch.arange(num_structures + 1)
+        increments = getattr(batch, "_inc_dict", None) or {}
+        keep = structures.cpu()
         fields: dict[str, Any] = {}
         for key in batch.keys():
             value = batch[key]
-            if key in ("batch", "ptr") or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            if key in ("batch", "ptr") or key not in slices or not isinstance(value, torch.Tensor):
                 continue
-            if key in slices:  # as collated
-                if atom_slices is not None and torch.equal(slices[key], atom_slices):
-                    fields[key] = cut(value, atom_level=True)
-                elif torch.equal(slices[key], structure_slices):
-                    fields[key] = cut(value, atom_level=False)
-            elif value.shape[0] in (num_atoms, num_structures):  # a batch built otherwise
-                fields[key] = cut(value, atom_level=value.shape[0] == num_atoms)
+            increment = increments.get(key)
+            if isinstance(increment, torch.Tensor) and bool(increment.any()):
+                continue  # indices into other rows (edges): not needed by the metrics
+            if value.dim() == 0 or value.shape[0] != int(slices[key][-1]):
+                continue  # not concatenated along dim 0
+            rows = keep.repeat_interleave(slices[key].diff())  # each structure's rows
+            fields[key] = value[rows.to(value.device)]
+        natoms = fields["natoms"]
         renumber = structures.long().cumsum(0) - 1  # old structure index -> new one
         fields["batch"] = renumber[batch.batch][atoms]
-        natoms = fields["natoms"]
         fields["ptr"] = torch.cat([natoms.new_zeros(1), natoms.cumsum(0)])
         return sub_out, Batch(**fields)

@@ -21,3 +21,13 @@ def emt_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("emt")
     generate(out, variant="both", systems=16, seed=0, max_steps=40)
     return out
+
+
+@pytest.fixture(scope="session")
+def bulk_data(tmp_path_factory) -> Path:
+    """``<dir>/bulk``: EMT bulk cells with energy, forces, stress as ``.aselmdb`` (48 cells)."""
+    from fairchem_dens.data.bulk import generate_bulk
+
+    out = tmp_path_factory.mktemp("bulk")
+    generate_bulk(out, structures=48, seed=0)
+    return out / "bulk"

@@ -30,6 +30,13 @@ BAD_VALUES = [
     ("epochs", [3, 1]),
     ("epochs", 4),
     ("seed", 1.5),
+    ("max_stress_norm", 0),
+    ("max_stress_norm", "1 GPa"),
+    ("skip_flag", ""),
+    ("skip_flag", 3),
+    ("skip_list", "no/such/file.txt"),
+    ("energy_targets", "energy"),
+    ("energy_targets", ["energy", 1]),
 ]
 
 

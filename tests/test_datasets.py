@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig
-from fairchem_dens.datasets import DeNSLmdbDataset, DeNSOC22LmdbDataset
+from fairchem_dens.datasets import DeNSLmdbDataset, DeNSOC22LmdbDataset, DeNSSourceError
 from fairchem_dens.noise import Status
 from fairchem_dens.testing import close_lmdb
 
@@ -108,10 +108,10 @@ def test_missing_fixed_in_oc20_mode_names_file(ours, plain):
     ours.enable_dens(DeNSConfig(prob=1.0), seed=0)
     data = plain[0].clone()
     del data.fixed
-    with pytest.raises(KeyError, match=r"train.*no 'fixed' field.*candidates"):
+    with pytest.raises(DeNSSourceError, match=r"train.*no 'fixed' field.*candidates"):
         ours._dens_corrupt(data, 0)
     del data.forces
-    with pytest.raises(KeyError, match=r"no 'forces' field"):
+    with pytest.raises(DeNSSourceError, match=r"no 'forces' field"):
         ours._dens_corrupt(data, 0)
 
 

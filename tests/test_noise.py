@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fairchem_dens.config import DeNSConfig
-from fairchem_dens.noise import Status, draw_corruption, sigma_grid, structure_rng
+from fairchem_dens.noise import Status, draw_corruption, sigma_grid, stress_norm, structure_rng
 
 N_STRUCTURES = 3000
 N_ATOMS = 20
@@ -146,3 +146,26 @@ def test_filters_make_structures_ineligible():
         if d.status == Status.DENS:
             assert d.mask.sum() <= 0.6 * (N_ATOMS - N_FIXED)
     assert any(d.status == Status.MAX_RATIO for d in draws)
+
+
+def test_opt_out_is_never_corrupted_and_draws_nothing():
+    config = DeNSConfig(prob=1.0, sigma=0.1)
+    candidates = np.ones(N_ATOMS, dtype=bool)
+    for i in range(200):
+        draw = draw_corruption(config, structure_rng(0, 0, i), candidates, opt_out=True)
+        assert draw.status == Status.OPT_OUT and not draw.mask.any() and not draw.noise.any()
+    rng = structure_rng(0, 0, 7)
+    draw_corruption(config, rng, candidates, opt_out=True)
+    assert rng.random() == structure_rng(0, 0, 7).random()  # the generator was not advanced
+
+
+def test_max_stress_norm_uses_the_frobenius_norm():
+    """σ = diag(a, a, a) has ‖σ‖_F = √3 a; filtered exactly above the threshold."""
+    config = DeNSConfig(prob=1.0, sigma=0.1, max_stress_norm=0.01)  # eV/Å³
+    candidates = np.ones(N_ATOMS, dtype=bool)
+    assert stress_norm(np.eye(3) * 0.01) == pytest.approx(0.01 * math.sqrt(3))
+    for scale, status in ((0.0057, Status.DENS), (0.0058, Status.MAX_STRESS)):
+        draw = draw_corruption(config, structure_rng(0, 0, 1), candidates, stress=np.eye(3) * scale)
+        assert draw.status == status, scale
+    with pytest.raises(ValueError, match="max_stress_norm needs the structure's stress"):
+        draw_corruption(config, structure_rng(0, 0, 1), candidates)

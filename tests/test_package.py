@@ -30,6 +30,7 @@ DOTTED = [
     ("trainer", "fairchem_dens.trainer.DeNSTrainer"),
     ("dataset", "fairchem_dens.datasets.DeNSLmdbDataset"),
     ("dataset", "fairchem_dens.datasets.DeNSOC22LmdbDataset"),
+    ("dataset", "fairchem_dens.datasets.DeNSAseDBDataset"),
     ("model", "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone"),
     ("model", "fairchem_dens.models.escn.DeNSeSCNBackbone"),
     ("model", "fairchem_dens.heads.EqV2NoiseHead"),

@@ -1,14 +1,21 @@
 """Command line interface of ``python -m fairchem_dens.data`` (argparse).
 
-Every invalid argument ends the program with exit status 2 and a single line on stderr,
-``fairchem_dens.data: error: ...``, never a traceback.
+``python -m fairchem_dens.data [SUBCOMMAND] ...``: the first argument picks a generator from
+:data:`SUBCOMMANDS`; without one, the EMT slab generator runs (``--out DIR ...``, as before the
+subcommands existed). Every invalid argument ends the program with exit status 2 and a single line
+on stderr, ``fairchem_dens.data: error: ...``, never a traceback.
+
+Adding a generator: write a module with ``main(argv: list[str]) -> int`` (build its parser with
+:class:`OneLineParser` and the argument types below) and add one line to :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from .options import (
@@ -27,15 +34,26 @@ from .options import (
 
 PROG = "fairchem_dens.data"
 
+#: Subcommands: name -> ("module:function" taking the remaining argv and returning the exit
+#: status, one-line description for ``--help``). Modules are imported only when chosen.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "emt": ("fairchem_dens.data.cli:emt_main", "OC20/OC22-style slabs from EMT (the default)"),
+    "bulk": ("fairchem_dens.data.bulk:main", "EMT bulk cells with stress as .aselmdb (ase_db)"),
+    "molecules": (
+        "fairchem_dens.data.cli_molecules:main",
+        "MD17-style molecules from GFN2-xTB Langevin MD",
+    ),
+}
 
-class _OneLineParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line (no usage block)."""
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line, ``fairchem_dens.data: error: ...`` (no usage)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+        self.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -45,7 +63,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonneg_int(text: str) -> int:
+def nonneg_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -55,7 +73,7 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -77,36 +95,38 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults shown with ``--help``)."""
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=PROG,
         description="Generate small OC20/OC22-format S2EF + IS2RE LMDBs from ASE EMT BFGS "
         "relaxations of adsorbates on fcc(111)/fcc(100) slabs.",
+        epilog="other generators: "
+        + "; ".join(f"{PROG} {name} --help: {desc}" for name, (_, desc) in SUBCOMMANDS.items()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output root directory")
     p.add_argument("--variant", choices=("oc20", "oc22", "both"), default="both")
     p.add_argument(
         "--systems",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_SYSTEMS,
         help="relaxation trajectories (systems) per variant",
     )
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
         "--max-steps",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_STEPS,
         help="max BFGS steps per system (frames <= max-steps + 1)",
     )
     p.add_argument(
         "--max-force",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_MAX_FORCE,
         help="drop frames whose largest per-atom force norm exceeds this (eV/A)",
     )
     p.add_argument(
         "--fmax",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_FMAX,
         help="BFGS convergence threshold (eV/A)",
     )
@@ -119,21 +139,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-frac", type=_fraction, default=DEFAULT_TEST_FRAC)
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="worker processes (output does not depend on it)",
     )
     p.add_argument(
         "--frames-per-system-max",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="keep at most this many evenly spaced frames per trajectory",
     )
     return p
 
 
+def subcommand(name: str) -> Callable[[list[str]], int]:
+    """The ``main`` function of subcommand ``name`` (imports its module)."""
+    module, func = SUBCOMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, generate the datasets, print a summary. Returns the exit status."""
+    """Dispatch to a subcommand (first argument) or, without one, the EMT generator."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return subcommand(argv[0])(argv[1:])
+    return emt_main(argv)
+
+
+def emt_main(argv: list[str] | None = None) -> int:
+    """EMT slabs: parse arguments, generate the datasets, print a summary. Returns exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # Validate everything cheap before importing torch/ASE, with the CLI flag names.
