@@ -262,8 +262,8 @@ RELEASED_DENS: dict[str, tuple[dict[str, Any], str]] = {
         RELEASED_EQV2_30,
     ),
     "oc20/s2ef_2m/escn_dens_released.yml": (released(0.15, 0.5, 10, 0.5, "free"), RELEASED_ESCN),
-    "oc20/s2ef_all_md/equiformer_v2_dens_released.yml": (
-        released(0.1, 0.125, 15, 0.25, "free"),
+    "oc20/s2ef_all_md/equiformer_v2_dens_released.yml": (  # MD frames never corrupted
+        {**released(0.1, 0.125, 15, 0.25, "free"), "skip_flag": "md", "skip_list": None},
         RELEASED_ALL_MD,
     ),
     # every OC22 atom is free (App. C.1), so "all" is the released free-atom corruption
