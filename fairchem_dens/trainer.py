@@ -476,8 +476,8 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
 
         noise = out.get(self._noise_target[0]) if self._noise_target is not None else None
         predictions = {name: out[name] for name, _ in self.loss_functions}
-        if noise is not None:
-            predictions["dens"] = noise
+        if noise is not None:  # rows of uncorrupted atoms are unspecified: never read them
+            predictions["dens"] = torch.where(corrupted.unsqueeze(-1), noise.view(-1, 3), 0.0)
         predictions = self._finite(predictions)
 
         reductions = {name: self._reduction(name, info) for name, info in self.loss_functions}
@@ -513,7 +513,7 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
             reduction = reductions.get(force_name, "mean")
             rows = _loss_per_row(
                 self._dens_loss_fn(),
-                predictions["dens"].view(-1, 3),
+                predictions["dens"],
                 batch[keys.DENS_TARGET],
                 batch.natoms,
                 reduction,

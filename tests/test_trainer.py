@@ -377,6 +377,23 @@ def test_non_finite_prediction_is_guarded_as_fairchems_ddploss(emt_data, tmp_pat
         assert trainer._compute_loss(plain, batch).item() == pytest.approx(fairchems.item())
 
 
+def test_noise_rows_of_uncorrupted_atoms_are_never_read(emt_data, tmp_path, caplog):
+    """The noise head may skip uncorrupted atoms (their rows are unspecified): whatever they
+    hold, NaN included, the loss and its gradients are unchanged and nothing is logged."""
+    with trainer_from_config(tiny_config(emt_data), tmp_path) as trainer:
+        batch = hand_batch(trainer)
+        out = random_outputs(batch)
+        reference = trainer._compute_loss(out, batch).item()
+        uncorrupted = ~batch[keys.DENS_MASK]
+        out[keys.NOISE_OUTPUT].data[uncorrupted] = float("nan")
+        with caplog.at_level(logging.WARNING):
+            loss = trainer._compute_loss(out, batch)
+        loss.backward()
+        assert loss.item() == pytest.approx(reference, rel=1e-6)
+        assert "Found nans" not in caplog.text
+        assert torch.isfinite(out[keys.NOISE_OUTPUT].grad).all()
+
+
 def test_unknown_reduction_is_one_line(emt_data, tmp_path):
     config = with_reduction(tiny_config(emt_data), "per_structure")
     with pytest.raises(
