@@ -361,18 +361,10 @@ def wurtzite_batch():
     return data_list_collater([a2g.convert(bulk("ZnFe", "wurtzite", a=2.0))])
 
 
-@pytest.mark.parametrize(
-    ("decompose", "edge_level_mlp", "use_source_target_embedding", "extensive"),
-    list(product((True, False), repeat=4)),
-)
-def test_rank2_head_on_the_dens_backbone(
-    wurtzite_batch, decompose, edge_level_mlp, use_source_target_embedding, extensive
-):
-    """fairchem's rank-2 head on DeNSEquiformerV2Backbone: symmetric, and its anisotropic part
-    traceless."""
-    from fairchem.core.common.utils import cg_change_mat, irreps_sum
-    from fairchem.core.models.equiformer_v2.heads import Rank2SymmetricTensorHead
-
+@pytest.fixture(scope="module")
+def seeded_backbone():
+    """fairchem's test backbone as DeNSEquiformerV2Backbone, built once after
+    ``torch.manual_seed(100)``, with the RNG state that follows its construction."""
     from fairchem_dens.models.equiformer_v2 import DeNSEquiformerV2Backbone
 
     torch.manual_seed(100)
@@ -383,6 +375,28 @@ def test_rank2_head_on_the_dens_backbone(
         num_sphere_samples=8,
         edge_channels=8,
     )
+    return backbone, torch.get_rng_state()
+
+
+@pytest.mark.parametrize(
+    ("decompose", "edge_level_mlp", "use_source_target_embedding", "extensive"),
+    list(product((True, False), repeat=4)),
+)
+def test_rank2_head_on_the_dens_backbone(
+    wurtzite_batch,
+    seeded_backbone,
+    decompose,
+    edge_level_mlp,
+    use_source_target_embedding,
+    extensive,
+):
+    """fairchem's rank-2 head on DeNSEquiformerV2Backbone: symmetric, and its anisotropic part
+    traceless."""
+    from fairchem.core.common.utils import cg_change_mat, irreps_sum
+    from fairchem.core.models.equiformer_v2.heads import Rank2SymmetricTensorHead
+
+    backbone, rng_state = seeded_backbone
+    torch.set_rng_state(rng_state)  # as if the backbone had just been built (fairchem's test)
     head = Rank2SymmetricTensorHead(
         backbone=backbone,
         output_name="out",
