@@ -25,12 +25,18 @@ fairchem's trainer. It overrides three methods narrowly and calls ``super()`` fo
     relaxed-energy file.
 
 ``load_checkpoint``
-    fairchem's loader, after fitting the checkpoint to the model: a plain EquiformerV2/eSCN
-    checkpoint loads into the DeNS model (the DeNS-only modules keep their fresh initialisation)
-    and a DeNS checkpoint loads into the plain parent model (the DeNS-only tensors are dropped);
-    either is reported by module name in one log line, and the position-ordered EMA weights are
-    re-ordered to the model's parameters. Any other mismatch (another architecture, other tensor
-    shapes) stops with one line naming the file.
+    fairchem's loader, after fitting the checkpoint to the model by name: DDP's ``module.`` prefix
+    is removed from the checkpoint's keys (whether it was saved with it or not) and the model's own
+    prefix added, every tensor is matched by name, and the EMA entries (a list in the checkpoint
+    model's parameter order) are matched to the model's parameters by name (order taken from the
+    checkpoint's state dict, each shared tensor once, checked against the weights' shapes). A
+    plain EquiformerV2/eSCN checkpoint loads into the DeNS model (the DeNS-only modules keep their
+    fresh initialisation) and a DeNS checkpoint loads into the plain parent model (the DeNS-only
+    tensors, found by the DeNS-only marker of the checkpoint's head classes and its backbone
+    class's ``build_dens_modules``, are dropped); either is reported by module name in one log
+    line. The trainer state (optimizer, scheduler, step) is loaded only when the checkpoint's
+    trainable parameters are the model's in the same order. Any other mismatch (another
+    architecture, other tensor shapes) stops with one line naming the file.
 
 Inference always takes the plain S2EF path: test and relaxation datasets are never corrupted, carry
 no DeNS fields, and the force encoding and noise head do not run, so results do not depend on
@@ -43,7 +49,7 @@ import inspect
 import logging
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,7 @@ import torch
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.common.relaxation.optimizers.lbfgs_torch import LBFGS
-from fairchem.core.common.utils import match_state_dict, pyg2_data_transform
+from fairchem.core.common.utils import pyg2_data_transform
 from fairchem.core.datasets.oc22_lmdb_dataset import OC22LmdbDataset
 from fairchem.core.modules.scaling.scale_factor import ScaleFactor
 from torch_geometric.data import Batch
@@ -60,19 +66,12 @@ from torch_geometric.data import Batch
 from fairchem_dens import keys
 from fairchem_dens.datasets import find_dens_dataset
 from fairchem_dens.dens_only import DeNSOnly, is_dens_only
-from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
 
 #: File (in ``cmd.results_dir``) with the relaxed energies of ``--mode run-relaxations``.
 RELAXED_ENERGIES_FILE = "relaxed_energies.npz"
 
-#: Backbone attributes of the DeNS encodings (``fairchem_dens.models.base``) and how to rebuild one
-#: from a backbone, to learn its parameter names when a DeNS checkpoint loads into a plain model.
-DENS_BACKBONE_ATTRIBUTES = {
-    "force_encoding": lambda backbone: ForceEncoding(
-        backbone.lmax_list[0], backbone.sphere_channels
-    ),
-    "sigma_encoding": lambda backbone: SigmaEncoding(backbone.sphere_channels),
-}
+#: Prefix DistributedDataParallel adds to every state-dict key, once per wrapping.
+DDP_PREFIX = "module."
 
 #: ``task.relax_opt`` keys fairchem 1.10 passes to ``LBFGS(...)`` (ml_relax sets the others).
 RELAX_OPT_KEYS = tuple(
@@ -102,6 +101,23 @@ def _first_file(dataset: Any) -> Path:
         return path
     found = sorted(path.glob("*.lmdb"))
     return found[0] if found else path
+
+
+def metadata_file(dataset: Any) -> tuple[Path, Path] | None:
+    """(where fairchem looks for the ``metadata.npz`` of a dataset's first file, the data path
+    to give fairchem's ``make_lmdb_sizes``: the configured ``src``), looking through ``Subset``
+    wrappers; None when the dataset names no file."""
+    base = _lmdb_dataset(dataset)
+    if base is None:
+        return None
+    paths = getattr(base, "paths", None) or [base.path]
+    first = Path(paths[0])
+    config = getattr(base, "config", None) or {}
+    src = config.get("src")
+    data = Path(src) if isinstance(src, (str, os.PathLike)) else first
+    if config.get("metadata_path"):
+        return Path(config["metadata_path"]), data
+    return (first.parent if first.is_file() else first) / "metadata.npz", data
 
 
 def _first_entry(dataset: Any) -> Any:
@@ -199,6 +215,40 @@ def _checkpoint_dens_heads(checkpoint: dict[str, Any]) -> dict[str, dict[str, An
         if isinstance(cls, type) and issubclass(cls, DeNSOnly):
             found[name] = head
     return found
+
+
+def _checkpoint_dens_backbone(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(backbone class, backbone config) of the checkpoint when its backbone is a DeNS one
+    (it has ``build_dens_modules``), else (None, {})."""
+    backbone = ((checkpoint.get("config") or {}).get("model") or {}).get("backbone") or {}
+    try:
+        cls = registry.get_model_class(backbone.get("model", ""))
+    except Exception:  # a backbone this environment cannot import is no DeNS backbone
+        return None, {}
+    if not callable(getattr(cls, "build_dens_modules", None)):
+        return None, {}
+    return cls, backbone
+
+
+def strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with DDP's ``module.`` prefix removed, as often as every key carries it."""
+    while state and all(key.startswith(DDP_PREFIX) for key in state):
+        state = {key[len(DDP_PREFIX) :]: value for key, value in state.items()}
+    return state
+
+
+def _unique_parameters(names: Iterable[str], state: dict[str, torch.Tensor]) -> list[str]:
+    """``names`` without repeats of a tensor saved under several names (a shared parameter,
+    which ``named_parameters()`` and the EMA list once)."""
+    seen, unique = set(), []
+    for name in names:
+        tensor = state[name]
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        unique.append(name)
+    return unique
 
 
 def _group(names: Iterable[str], prefixes: Iterable[str], wrap: str) -> str:
@@ -349,11 +399,14 @@ class InferenceMixin:
         checkpoint: dict | None = None,
         inference_only: bool = False,
     ) -> None:
-        """fairchem's ``load_checkpoint`` on a checkpoint fitted to this model.
+        """fairchem's ``load_checkpoint`` on a checkpoint fitted to this model by name.
 
-        A plain checkpoint in a DeNS model (or a DeNS checkpoint in the plain parent model) loads
-        its shared weights and EMA; the trainer state (step, optimizer, scheduler) is then not
-        loaded, so training starts a fine-tuning run at step 0.
+        Weights and EMA entries are matched to the model's parameters by name, whether the
+        checkpoint was saved with DDP's ``module.`` prefix or without. A plain checkpoint in a
+        DeNS model (or a DeNS checkpoint in the plain parent model) loads its shared weights and
+        EMA; the trainer state (step, optimizer, scheduler) is loaded only when the checkpoint's
+        trainable parameters are the model's, in the model's order (fairchem restores the
+        optimizer by position), else training starts a fine-tuning run at step 0.
         """
         if checkpoint is None:
             if not os.path.isfile(checkpoint_path):
@@ -361,33 +414,47 @@ class InferenceMixin:
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
             map_location = torch.device("cpu") if self.cpu else self.device
             checkpoint = read_checkpoint(checkpoint_path, map_location)
-        fitted = self.fit_checkpoint(checkpoint, checkpoint_path)
-        if fitted is not checkpoint and not inference_only:
+        fitted, same_parameters = self.fit_checkpoint(checkpoint, checkpoint_path)
+        if not same_parameters and not inference_only:
             logging.info(
-                "The checkpoint's model differs in its DeNS modules: its trainer state (step, "
-                "optimizer, scheduler) is not loaded; training starts at step 0"
+                "The checkpoint's model differs in its parameters (DeNS modules or their order): "
+                "its trainer state (step, optimizer, scheduler) is not loaded; training starts "
+                "at step 0"
             )
             inference_only = True
         return super().load_checkpoint(
             checkpoint_path, checkpoint=fitted, inference_only=inference_only
         )
 
-    def fit_checkpoint(self, checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
-        """The checkpoint with DeNS-only tensors added (fresh) or dropped to fit this model.
+    def _wrap_prefix(self) -> str:
+        """The prefix DDP wrapping adds to this model's state-dict keys ('' unwrapped)."""
+        prefix, module = "", self.model
+        while module is not self._unwrapped_model:
+            prefix, module = prefix + DDP_PREFIX, module.module
+        return prefix
 
-        Returns ``checkpoint`` itself when nothing DeNS-specific differs (fairchem then loads it
-        as is); raises :class:`InferenceError` when anything else differs.
+    def fit_checkpoint(self, checkpoint: dict[str, Any], path: str) -> tuple[dict[str, Any], bool]:
+        """The checkpoint with its tensors named and ordered as this model's state dict, DeNS-only
+        tensors added (fresh) or dropped to fit this model, and its EMA entries matched to the
+        model's parameters by name.
+
+        Returns:
+            (fitted checkpoint, whether its trainable parameters are exactly the model's, in
+            the model's order). Raises :class:`InferenceError` when anything else differs.
         """
         model_state = self.model.state_dict()
-        state = match_state_dict(model_state, checkpoint["state_dict"])
-        wrap = "module." * next(iter(model_state)).count("module")  # as match_state_dict counts
+        wrap = self._wrap_prefix()
+        state = {wrap + k: v for k, v in strip_ddp_prefix(dict(checkpoint["state_dict"])).items()}
 
         model_prefixes = [
             f"{name}." for name, module in self.model.named_modules() if is_dens_only(module)
         ]
         dens_heads = _checkpoint_dens_heads(checkpoint)
-        checkpoint_prefixes = [f"{wrap}backbone.{name}." for name in DENS_BACKBONE_ATTRIBUTES]
-        checkpoint_prefixes += [f"{wrap}output_heads.{name}." for name in dens_heads]
+        dens_backbone, backbone_config = _checkpoint_dens_backbone(checkpoint)
+        dens_modules = self._checkpoint_dens_modules(
+            dens_backbone, backbone_config, dens_heads, wrap
+        )
+        checkpoint_prefixes = list(dens_modules)
 
         missing = [k for k in model_state if k not in state]
         unexpected = [k for k in state if k not in model_state]
@@ -416,15 +483,17 @@ class InferenceMixin:
                 f"{tuple(model_state[k].shape)} in the model ({len(wrong)} tensors differ); "
                 "use the model settings the checkpoint was trained with"
             )
-        if not fresh and not dropped:
-            return checkpoint
 
-        new_state = {k: v for k, v in state.items() if k not in dropped}
-        new_state.update({k: model_state[k] for k in fresh})  # keep the fresh initialisation
+        # every model tensor, in the model's order (fairchem's own prefix matching is then a
+        # no-op); a tensor the checkpoint lacks keeps the model's (fresh) value
+        new_state = {k: state.get(k, model_state[k]) for k in model_state}
+        new_state.update({k: v for k, v in state.items() if k in unexpected and k not in dropped})
         fitted = {**checkpoint, "state_dict": new_state}
+
+        names = self._checkpoint_parameter_names(state, dropped, dens_modules)
+        ours = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if checkpoint.get("ema") is not None and self.ema is not None:
-            names = self._checkpoint_parameter_names(state, dropped, dens_heads, wrap)
-            fitted["ema"] = self._fit_ema(checkpoint["ema"], names, path)
+            fitted["ema"] = self._fit_ema(checkpoint["ema"], names, state, path)
         report = []
         if fresh:
             report.append(
@@ -436,8 +505,9 @@ class InferenceMixin:
                 f"DeNS modules not in this model, dropped: "
                 f"{_group(dropped, checkpoint_prefixes, wrap)}"
             )
-        logging.info(f"{path}: {'; '.join(report)}")
-        return fitted
+        if report:
+            logging.info(f"{path}: {'; '.join(report)}")
+        return fitted, names == ours
 
     def _is_scale_key(self, key: str) -> bool:
         """fairchem's loader ignores keys of ScaleFactor modules; so do we."""
@@ -447,41 +517,79 @@ class InferenceMixin:
         except AttributeError:
             return False
 
+    def _checkpoint_dens_modules(
+        self,
+        backbone_class: Any,
+        backbone_config: dict[str, Any],
+        dens_heads: dict[str, dict[str, Any]],
+        wrap: str,
+    ) -> dict[str, Callable[[], torch.nn.Module]]:
+        """The checkpoint model's DeNS-only modules by state-dict prefix, each as a function
+        that rebuilds it on this model's backbone (to learn its parameter names): the backbone's
+        (``build_dens_modules`` of the checkpoint's backbone class) and the noise heads (the
+        DeNS-only head classes of the checkpoint's config)."""
+        backbone = getattr(self._unwrapped_model, "backbone", None)
+        found: dict[str, Callable[[], torch.nn.Module]] = {}
+        if backbone is None:
+            return found
+        if backbone_class is not None:
+            flags = {
+                key: backbone_config[key]
+                for key in ("use_force_encoding", "use_sigma_encoding")
+                if key in backbone_config
+            }
+            modules = backbone_class.build_dens_modules(
+                backbone.lmax_list[0], backbone.sphere_channels, **flags
+            )
+            for name, module in modules.items():
+                if module is not None:
+                    found[f"{wrap}backbone.{name}."] = lambda module=module: module
+        for name, head in dens_heads.items():
+            config = {k: v for k, v in head.items() if k != "module"}
+            cls = registry.get_model_class(head["module"])
+            found[f"{wrap}output_heads.{name}."] = lambda cls=cls, config=config: cls(
+                backbone, **config
+            )
+        return found
+
     def _checkpoint_parameter_names(
         self,
         state: dict[str, torch.Tensor],
         dropped: list[str],
-        dens_heads: dict[str, dict[str, Any]],
-        wrap: str,
+        dens_modules: dict[str, Callable[[], torch.nn.Module]],
     ) -> list[str]:
         """Names of the checkpoint model's trainable parameters, in its parameter order (the
-        order of its EMA weights): the state-dict order, keeping the keys that are trainable
-        parameters here, and of the dropped DeNS modules those that are parameters there."""
+        order of its EMA weights): its state-dict order (pre-order, as ``named_parameters``),
+        keeping the keys that are trainable parameters of this model or of the checkpoint's
+        DeNS modules that this model lacks, each shared tensor once."""
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if dropped:
-            backbone = self._unwrapped_model.backbone
-            rebuilt: dict[str, torch.nn.Module] = {}
-            for name, build in DENS_BACKBONE_ATTRIBUTES.items():
-                if any(k.startswith(f"{wrap}backbone.{name}.") for k in dropped):
-                    rebuilt[f"{wrap}backbone.{name}."] = build(backbone)
-            for name, head in dens_heads.items():
-                if any(k.startswith(f"{wrap}output_heads.{name}.") for k in dropped):
-                    config = {k: v for k, v in head.items() if k != "module"}
-                    cls = registry.get_model_class(head["module"])
-                    rebuilt[f"{wrap}output_heads.{name}."] = cls(backbone, **config)
-            for prefix, module in rebuilt.items():
-                trainable |= {prefix + n for n, p in module.named_parameters() if p.requires_grad}
-        return [k for k in state if k in trainable]
+        for prefix, build in dens_modules.items():
+            if any(k.startswith(prefix) for k in dropped):
+                trainable |= {prefix + n for n, p in build().named_parameters() if p.requires_grad}
+        return _unique_parameters([k for k in state if k in trainable], state)
 
-    def _fit_ema(self, ema: dict[str, Any], names: list[str], path: str) -> dict[str, Any]:
-        """EMA state whose position-ordered weights follow this model's parameters; a fresh DeNS
-        module's EMA starts at its initial weights."""
+    def _fit_ema(
+        self,
+        ema: dict[str, Any],
+        names: list[str],
+        state: dict[str, torch.Tensor],
+        path: str,
+    ) -> dict[str, Any]:
+        """EMA state whose weights follow this model's parameters by name; a parameter the
+        checkpoint lacks (a fresh DeNS module) starts its EMA at its initial weights."""
         shadow = ema["shadow_params"]
         if len(shadow) != len(names):
             raise InferenceError(
                 f"{path}: its EMA holds {len(shadow)} tensors, its model {len(names)} trainable "
                 "parameters; the EMA weights cannot be matched to parameters"
             )
+        for name, value in zip(names, shadow, strict=True):
+            if value.shape != state[name].shape:
+                raise InferenceError(
+                    f"{path}: its EMA entry for '{name.removeprefix(self._wrap_prefix())}' is "
+                    f"{tuple(value.shape)}, the weight {tuple(state[name].shape)}; the EMA "
+                    "does not follow the checkpoint's parameter order"
+                )
         by_name = dict(zip(names, shadow, strict=True))
         fitted = []
         for name, parameter in self.model.named_parameters():

@@ -10,39 +10,64 @@ YAML::
 
 Only the narrowest methods are overridden; everything else (optimiser, EMA, checkpoints,
 validation, predict, relaxations) is fairchem's. A batch without DeNS fields (validation, test,
-predict, relaxation, or ``optim.dens`` absent) takes exactly the parent's code path.
+predict, relaxation, or ``optim.dens`` absent) takes exactly the parent's code path. With
+``optim.dens`` absent the trainer also accepts every ``forces`` trainer config of fairchem 1.10
+(``optim.scheduler: "Null"`` without ``scheduler_params`` included).
 
-Losses of a mixed batch, in one forward/backward (Alg. 1 l.28-40, App. D.1): with B structures
-and N loss atoms (free atoms if ``train_on_free_atoms``, plus corrupted atoms) over all ranks,
+**The noise prediction is a declared model output.** fairchem's ``_forward`` copies from the model
+output only the keys declared in ``output_targets``. On a training batch with at least one
+corrupted atom the trainer declares one more atom-level target, the noise head's output
+(:data:`fairchem_dens.keys.NOISE_OUTPUT`, (n_atoms, 3)), for the duration of that ``_forward``
+call only, so it reaches :meth:`DeNSTrainer._compute_loss` in ``out`` like energy and forces, and
+fairchem raises if the head did not return it. Validation, predict and relaxations never declare
+it. Rows of atoms that are not corrupted are unspecified (a head may skip them); the loss reads
+only corrupted rows. A batch with DeNS fields but no corrupted atom does not declare it and gets a
+DeNS term of exactly 0.
 
-* L_E  = Σ_structures |E' − Ê| / B      (both tasks, Eq. 1 and Eq. 6; DeNS structures excluded
+**Losses of a mixed batch**, in one forward/backward (Alg. 1 l.28-40, App. D.1): with B structures
+and N loss atoms (free atoms if ``train_on_free_atoms``, plus corrupted atoms) over all ranks, and
+ℓ the elementwise loss of each ``loss_functions`` entry averaged over its components (x, y, z),
+
+* L_E  = Σ_structures ℓ(Ê, E') / B       (both tasks, Eq. 1 and Eq. 6; DeNS structures excluded
   when ``energy_on_dens: false``, Table 1e idx 3)
 * any other system-level target (stress, rank-2): original-task structures only, over the same
   B (:func:`system_target_keep`)
 * L_F  = Σ_{uncorrupted loss atoms} ℓ(f̂, f') / N          (Eq. 1, Alg. 1 l.31 and l.36)
 * L_DeNS = Σ_{corrupted atoms} ℓ(ε̂, ε/σ) / N              (Eq. 4, Alg. 1 l.30)
 
-and the loss is λ_E·L_E + λ_F·L_F + λ_DeNS·L_DeNS. The shared denominators make each structure
-weigh as in Alg. 1 l.32/37/40, and every term is a global mean over ranks computed with one
-all-reduce per step whatever was drawn, so ranks that draw differently never hang.
+and the loss is λ_E·L_E + λ_F·L_F + λ_DeNS·L_DeNS. The shared denominators B and N (the
+*shared-denominator convention*) make each structure weigh as in Alg. 1 l.32/37/40: a structure's
+atoms count once in N whichever task they serve. Every term is a global mean over ranks computed
+with one all-reduce per step whatever was drawn, so ranks that draw differently never hang. Without
+a drawn structure (no corrupted atom) the loss equals fairchem's own ``OCPTrainer._compute_loss``.
+
+Each ``loss_functions`` entry's ``reduction`` is honoured as fairchem's ``DDPLoss`` does it:
+``mean`` as above, ``sum`` drops the denominators (each rank's sum; DDP averages the gradients);
+the DeNS term takes the forces entry's reduction. A non-finite prediction is logged and its NaNs
+set to 0, as ``DDPLoss`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
+from fairchem.core.modules.loss import DDPLoss
+from fairchem.core.trainers.base_trainer import BaseTrainer
 from torch_geometric.data import Batch
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
-from fairchem_dens.dens_only import dens_only_parameters
-from fairchem_dens.inference import InferenceMixin
+from fairchem_dens.dens_only import dens_only_parameters, is_dens_only
+from fairchem_dens.inference import InferenceMixin, metadata_file
 from fairchem_dens.noise import INELIGIBLE, Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
@@ -60,33 +85,88 @@ DEFAULT_METRICS = {
 }
 DEFAULT_PRIMARY_METRIC = "forces_mae"
 
+#: ``reduction`` values of a ``loss_functions`` entry (those of fairchem 1.10's DDPLoss).
+REDUCTIONS = ("mean", "sum")
+
+#: Keys each ``lambda_type`` of EquiformerV2's LambdaLR schedule reads.
+LAMBDA_KEYS = {
+    "cosine": ("warmup_epochs", "warmup_factor", "lr_min_factor"),
+    "multistep": ("warmup_epochs", "warmup_factor", "decay_epochs", "decay_rate"),
+}
+
+#: Keys of fairchem's default schedule (``warmup_lr_lambda``), used without ``optim.scheduler``.
+DEFAULT_SCHEDULE_KEYS = ("warmup_steps", "warmup_factor", "lr_gamma", "lr_milestones")
+
+#: The command that writes the ``metadata.npz`` of an LMDB folder (fairchem 1.10).
+METADATA_COMMAND = "python -m fairchem.core.scripts.make_lmdb_sizes --data-path"
+
 
 def _loss_per_row(
-    fn: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor, natoms: torch.Tensor
+    fn: torch.nn.Module,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    natoms: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Elementwise fairchem loss reduced to one value per row (atom or structure): (rows,)."""
-    loss = fn(pred, target, natoms)
-    return loss.reshape(pred.shape[0], -1).mean(-1)
+    """Elementwise fairchem loss reduced to one value per row (atom or structure): (rows,).
+
+    ``mean`` averages a row's components (so the rows' mean is fairchem's mean over elements),
+    ``sum`` adds them (so the rows' sum is fairchem's sum over elements).
+    """
+    loss = fn(pred, target, natoms).reshape(pred.shape[0], -1)
+    return loss.sum(-1) if reduction == "sum" else loss.mean(-1)
 
 
 def check_required_keys(model: Any, outputs: Any, optim: Any, loss_functions: Any) -> None:
-    """One line naming the first key fairchem would otherwise fail on with a bare KeyError."""
+    """One line naming the first key fairchem would otherwise fail on with a bare error."""
+    optim = optim or {}
     required = {
         "model.name": (model or {}).get("name"),
         "outputs": outputs,
         "loss_functions": loss_functions,
-        "optim.max_epochs": (optim or {}).get("max_epochs"),
-        "optim.lr_initial": (optim or {}).get("lr_initial"),
+        "optim.max_epochs": optim.get("max_epochs"),
+        "optim.lr_initial": optim.get("lr_initial"),
     }
     if (model or {}).get("name") == "hydra":
         required["model.backbone.model"] = ((model or {}).get("backbone") or {}).get("model")
-    params = (optim or {}).get("scheduler_params") or {}
-    if params.get("lambda_type") == "cosine":
-        for key in ("warmup_epochs", "warmup_factor", "lr_min_factor"):
+    params = optim.get("scheduler_params") or {}
+    if "scheduler" not in optim:  # fairchem's default schedule (warmup_lr_lambda, by steps)
+        for key in DEFAULT_SCHEDULE_KEYS:
+            required[f"optim.{key}"] = optim.get(key)
+    elif optim.get("scheduler") == "LambdaLR":
+        lambda_type = params.get("lambda_type")
+        required["optim.scheduler_params.lambda_type"] = lambda_type
+        if lambda_type is not None and lambda_type not in LAMBDA_KEYS:
+            raise DeNSConfigError(
+                f"optim.scheduler_params.lambda_type={lambda_type!r}: must be one of "
+                f"{list(LAMBDA_KEYS)} (EquiformerV2's LambdaLR schedule)"
+            )
+        for key in LAMBDA_KEYS.get(lambda_type, ()):
             required[f"optim.scheduler_params.{key}"] = params.get(key)
     for key, value in required.items():
         if value is None or value == {} or value == []:
             raise DeNSConfigError(f"{key}: required key is missing from the config")
+    for entry in loss_functions if isinstance(loss_functions, list) else []:
+        for target, spec in (entry or {}).items():
+            reduction = (spec or {}).get("reduction")
+            if reduction is not None and reduction not in REDUCTIONS:
+                raise DeNSConfigError(
+                    f"loss_functions.{target}.reduction={reduction!r}: must be one of "
+                    f"{list(REDUCTIONS)} (fairchem 1.10's DDPLoss)"
+                )
+
+
+def check_dens_epochs(config: DeNSConfig) -> None:
+    """Refuse a fractional ``optim.dens.epochs`` bound: the dataset draws per whole epoch."""
+    if config.epochs is None:
+        return
+    for bound in config.epochs:
+        if float(bound) != math.floor(bound):
+            raise DeNSConfigError(
+                f"optim.dens.epochs={list(config.epochs)}: bounds must be whole epochs (the "
+                "corruption is drawn per epoch; a fractional bound would silently cover its "
+                "whole epoch)"
+            )
 
 
 def check_train_format(dataset: Any) -> None:
@@ -149,6 +229,22 @@ def system_target_keep(
     return ~is_dens
 
 
+def follow_epochs(sampler: Any, dataset: DeNSDatasetMixin) -> None:
+    """Make ``sampler.set_epoch_and_start_iteration`` also set the dataset's DeNS epoch.
+
+    The wrapper holds the sampler by weak reference, so no reference cycle keeps the sampler
+    (and through it the dataset and its open files) alive after the trainer is gone.
+    """
+    method = type(sampler).set_epoch_and_start_iteration
+    sampler_ref = weakref.ref(sampler)
+
+    def set_epoch_and_start_iteration(epoch: int, start_iteration: int) -> None:
+        method(sampler_ref(), epoch, start_iteration)
+        dataset.set_dens_epoch(epoch)  # before the DataLoader's workers start
+
+    sampler.set_epoch_and_start_iteration = set_epoch_and_start_iteration
+
+
 @registry.register_trainer("dens_forces")
 class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     """fairchem's EquiformerV2 forces trainer (the OCP trainer with an epoch-based cosine
@@ -172,14 +268,16 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         check_required_keys(model, outputs, optimizer, loss_functions)
         self.dens: DeNSConfig | None = DeNSConfig.from_optim(optimizer)
         if self.dens is not None:
+            check_dens_epochs(self.dens)
             check_train_format(dataset)
             check_energy_targets(outputs, self.dens)
         evaluation_metrics = dict(evaluation_metrics or {})
         evaluation_metrics.setdefault("metrics", DEFAULT_METRICS)
         evaluation_metrics.setdefault("primary_metric", DEFAULT_PRIMARY_METRIC)
-        self._model_output: Any = None
         self._dens_log: dict[str, float] = {}
         self._dens_dataset = None
+        #: (key, spec) of the noise output declared on DeNS batches; None with DeNS off
+        self._noise_target: tuple[str, dict[str, Any]] | None = None
         super().__init__(
             task,
             model,
@@ -195,29 +293,55 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     # ---- set-up ----------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        """Parent's model, plus a hook that keeps the raw model output (it holds the noise)."""
+        """Parent's model; with DeNS on, find the noise head whose output the loss reads."""
         super().load_model()
-        self._unwrapped_model.register_forward_hook(self._keep_model_output)
         self._dens_parameters = dens_only_parameters(self._unwrapped_model)
+        if self.dens is not None:
+            self._noise_target = self._find_noise_target()
 
-    def _keep_model_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        self._model_output = output
+    def _find_noise_target(self) -> tuple[str, dict[str, Any]] | None:
+        """The model-output key of the noise head and its output-target spec (atom level);
+        None without one (a plain model can still validate and predict)."""
+        model = self._unwrapped_model
+        heads = getattr(model, "output_heads", None) or {}
+        found = [(name, head) for name, head in heads.items() if is_dens_only(head)]
+        if len(found) > 1:
+            raise DeNSConfigError(
+                f"model.heads: {len(found)} DeNS noise heads "
+                f"({', '.join(name for name, _ in found)}); optim.dens needs exactly one"
+            )
+        if not found:
+            return None
+        name, head = found[0]
+        output = getattr(head, "output_name", keys.NOISE_OUTPUT)
+        # HydraModel returns head outputs by their name with pass_through_head_outputs, else
+        # nested under the head's name (fairchem's _forward then reads `property`)
+        key = output if getattr(model, "pass_through_head_outputs", False) else name
+        return key, {"level": "atom", "property": output}
 
     def load_datasets(self) -> None:
         """Parent's datasets; with DeNS on, check the training dataset can corrupt."""
         super().load_datasets()
         if self.dens is None or self.train_loader is None:
             return
-        dataset = find_dens_dataset(self.train_dataset)
-        self._dens_dataset = dataset
-        sampler = self.train_sampler
-        set_epoch = sampler.set_epoch_and_start_iteration
+        self._dens_dataset = find_dens_dataset(self.train_dataset)
+        follow_epochs(self.train_sampler, self._dens_dataset)
 
-        def set_epoch_and_start_iteration(epoch: int, start_iteration: int) -> None:
-            set_epoch(epoch, start_iteration)
-            dataset.set_dens_epoch(epoch)  # before the DataLoader's workers start
-
-        sampler.set_epoch_and_start_iteration = set_epoch_and_start_iteration
+    def get_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> Any:
+        """Parent's sampler, after checking that ``load_balancing: atoms`` finds the sizes."""
+        optim = self.config["optim"]
+        mode = optim.get("load_balancing")
+        on_error = optim.get("load_balancing_on_error") or "raise"
+        if mode is not None and on_error == "raise":  # fairchem then raises without sizes
+            if not dataset.metadata_hasattr("natoms"):
+                found = metadata_file(dataset)
+                path, data = found or (Path("<data folder>/metadata.npz"), Path("<data folder>"))
+                raise DeNSConfigError(
+                    f"optim.load_balancing={mode!r}: needs {path} (atoms per entry), which is "
+                    f"missing; write it with `{METADATA_COMMAND} {data}` (or set "
+                    "optim.load_balancing_on_error: warn_and_no_balance)"
+                )
+        return super().get_sampler(dataset, batch_size, shuffle)
 
     def load_checkpoint(
         self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
@@ -237,8 +361,21 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
                 self.scheduler.step()
 
     def load_extras(self) -> None:
-        """Parent's scheduler/EMA set-up, after checking the warm-up is at least one step."""
-        params = self.config["optim"].get("scheduler_params", {})
+        """Parent's scheduler/EMA set-up, after checking the warm-up is at least one step.
+
+        As with fairchem's ``forces`` trainer, ``optim.scheduler: "Null"`` needs no
+        ``scheduler_params`` (EquiformerV2's scheduler reads them unconditionally, so they default
+        to {}), and without ``optim.scheduler`` fairchem's default schedule (``warmup_lr_lambda``)
+        is used.
+        """
+        optim = self.config["optim"]
+        if "scheduler" not in optim:
+            # fairchem's `forces` trainer default (EquiformerV2's scheduler has none)
+            BaseTrainer.load_extras(self)
+            return
+        if optim.get("scheduler") == "Null" and optim.get("scheduler_params") is None:
+            optim["scheduler_params"] = {}
+        params = optim.get("scheduler_params") or {}
         warmup = params.get("warmup_epochs")
         if self.train_loader is not None and isinstance(warmup, (int, float)):
             steps = int(warmup * len(self.train_loader))
@@ -274,8 +411,30 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     def train(self, disable_eval_tqdm: bool = False) -> None:
         """Enable the corruption (normalisers are final now, after any checkpoint load), then
         run fairchem's training loop."""
+        if self._dens_dataset is not None and self._noise_target is None:
+            raise DeNSConfigError(
+                "model.heads: optim.dens needs a DeNS noise head, found none; add e.g. "
+                f"{keys.NOISE_OUTPUT}: {{module: fairchem_dens.heads.EqV2NoiseHead}}"
+            )
         self.enable_dens_on_train_data()
         super().train(disable_eval_tqdm=disable_eval_tqdm)
+
+    # ---- forward: the noise prediction as a declared output -------------------------------
+
+    def _forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Parent's forward; on a batch with corrupted atoms the noise head's output is a
+        declared output target for this call, so ``out`` carries it (fairchem raises if the
+        model did not return it)."""
+        if self._noise_target is None or keys.DENS_MASK not in batch:
+            return super()._forward(batch)
+        if not bool(batch[keys.DENS_MASK].any()):  # nothing to denoise: the head may skip
+            return super()._forward(batch)
+        name, spec = self._noise_target
+        self.output_targets[name] = spec
+        try:
+            return super()._forward(batch)
+        finally:
+            del self.output_targets[name]
 
     # ---- losses ----------------------------------------------------------------------------
 
@@ -284,31 +443,25 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         total = self.config["optim"]["max_epochs"] * len(self.train_loader)
         return self.dens.coefficient_at(self.step, total)
 
-    def _noise_prediction(self) -> torch.Tensor:
-        """ε̂ from the last model output: (n_atoms, 3)."""
-        output = self._model_output
-        candidates = [output] + [v for v in output.values() if isinstance(v, dict)]
-        for mapping in candidates:
-            if keys.NOISE_OUTPUT in mapping:
-                return mapping[keys.NOISE_OUTPUT]
-        raise DeNSConfigError(
-            f"model.heads: no head outputs '{keys.NOISE_OUTPUT}'; add e.g. "
-            "dens_noise: {module: fairchem_dens.heads.EqV2NoiseHead}"
-        )
+    def _ddp_guard(self, loss: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss + 0·Σp`` over the DeNS-only parameters when DDP wraps the model and the DeNS
+        modules may have had no part in this step's graph (no DeNS fields, or no noise
+        output): DDP without ``find_unused_parameters`` needs a gradient for every parameter."""
+        if not self._dens_parameters or self.model is self._unwrapped_model:
+            return loss
+        if noise is not None and noise.requires_grad:
+            return loss
+        return loss + 0.0 * sum(p.sum() for p in self._dens_parameters)
 
     def _compute_loss(self, out: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         if keys.DENS_MASK not in batch:
-            loss = super()._compute_loss(out, batch)
-            if self._dens_parameters and self.model is not self._unwrapped_model:
-                # without DeNS fields (DeNS off, or outside `epochs`) the DeNS modules do not
-                # run; DDP (no find_unused_parameters) needs a gradient for every parameter
-                loss = loss + 0.0 * sum(p.sum() for p in self._dens_parameters)
-            return loss
+            return self._ddp_guard(super()._compute_loss(out, batch))
 
         corrupted = batch[keys.DENS_MASK]  # m_i, (n_atoms,)
         is_dens = batch[keys.DENS_STRUCTURE]  # (n_structures,)
         free = batch.fixed == 0
-        force_spec = self.output_targets[self._force_target()]
+        force_name = self._force_target()
+        force_spec = self.output_targets[force_name]
         loss_atoms = free if force_spec.get("train_on_free_atoms", True) else torch.ones_like(free)
         # one collective per step, whatever was drawn: global structure and loss-atom counts
         counts = torch.stack(
@@ -321,10 +474,17 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         world = distutils.get_world_size()
         num_structures, num_atoms = counts.clamp(min=1.0).unbind()
 
+        noise = out.get(self._noise_target[0]) if self._noise_target is not None else None
+        predictions = {name: out[name] for name, _ in self.loss_functions}
+        if noise is not None:  # rows of uncorrupted atoms are unspecified: never read them
+            predictions["dens"] = torch.where(corrupted.unsqueeze(-1), noise.view(-1, 3), 0.0)
+        predictions = self._finite(predictions)
+
+        reductions = {name: self._reduction(name, info) for name, info in self.loss_functions}
         terms: dict[str, tuple[float, torch.Tensor]] = {}
         for target_name, loss_info in self.loss_functions:
             spec = self.output_targets[target_name]
-            pred, target = out[target_name], batch[target_name]
+            pred, target = predictions[target_name], batch[target_name]
             if spec.get("level") == "atom":
                 keep = ~corrupted  # Alg. 1 l.31: forces of uncorrupted atoms only
                 if spec.get("train_on_free_atoms", True):
@@ -339,21 +499,66 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
                 target = self.elementrefs[target_name].dereference(target, batch)
             if target_name in self.normalizers:
                 target = self.normalizers[target_name].norm(target)
-            rows = _loss_per_row(loss_info["fn"].loss_fn, pred, target, batch.natoms)
-            # Eq. 1 / Eq. 6 terms as global means (× world size: DDP averages gradients)
-            value = (rows * keep).sum() * world / denominator
-            terms[target_name] = (loss_info["coefficient"], value)
+            reduction = reductions[target_name]
+            rows = _loss_per_row(loss_info["fn"].loss_fn, pred, target, batch.natoms, reduction)
+            terms[target_name] = (
+                loss_info["coefficient"],
+                self._reduce(rows, keep, reduction, world, denominator),  # Eq. 1 / Eq. 6
+            )
 
-        # Eq. 4 / Alg. 1 l.30: ℓ(ε̂, ε/σ) on corrupted atoms
-        dens_fn = self._dens_loss_fn()
-        noise = self._noise_prediction().view(-1, 3)
-        rows = _loss_per_row(dens_fn, noise, batch[keys.DENS_TARGET], batch.natoms)
-        dens_value = (rows * corrupted).sum() * world / num_atoms
+        # Eq. 4 / Alg. 1 l.30: ℓ(ε̂, ε/σ) on corrupted atoms; exactly 0 when nothing was drawn
+        if noise is None:
+            dens_value = counts.new_zeros(())
+        else:
+            reduction = reductions.get(force_name, "mean")
+            rows = _loss_per_row(
+                self._dens_loss_fn(),
+                predictions["dens"],
+                batch[keys.DENS_TARGET],
+                batch.natoms,
+                reduction,
+            )
+            dens_value = self._reduce(rows, corrupted, reduction, world, num_atoms)
         terms["dens"] = (self.dens_coefficient(), dens_value)
 
         self._log_dens_terms(terms, batch)
         loss = sum(coefficient * value for coefficient, value in terms.values())
-        return loss  # Alg. 1 l.32/37/40
+        return self._ddp_guard(loss, noise)  # Alg. 1 l.32/37/40
+
+    @staticmethod
+    def _reduce(
+        rows: torch.Tensor, keep: torch.Tensor, reduction: str, world: int, denominator: Any
+    ) -> torch.Tensor:
+        """Σ over kept rows; ``mean``: a global mean over ranks (× world size: DDP averages
+        gradients), as fairchem's DDPLoss."""
+        total = (rows * keep).sum()
+        return total if reduction == "sum" else total * world / denominator
+
+    @staticmethod
+    def _reduction(name: str, loss_info: dict[str, Any]) -> str:
+        """The ``reduction`` of a ``loss_functions`` entry, as fairchem's DDPLoss holds it."""
+        fn = loss_info["fn"]
+        reduction = getattr(fn, "reduction", None)
+        if not isinstance(fn, DDPLoss) or reduction not in REDUCTIONS:
+            raise DeNSConfigError(
+                f"loss_functions.{name}: the DeNS loss honours fairchem's DDPLoss with "
+                f"reduction {list(REDUCTIONS)}, got {type(fn).__name__} ({reduction!r})"
+            )
+        return reduction
+
+    @staticmethod
+    def _finite(predictions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """fairchem's DDPLoss guard for every prediction at once (one host transfer): a
+        non-finite prediction is logged and its NaNs are set to 0."""
+        finite = torch.stack([p.isfinite().all() for p in predictions.values()]).tolist()
+        if all(finite):
+            return predictions
+        bad = [name for name, ok in zip(predictions, finite, strict=True) if not ok]
+        logging.warning(f"Found nans while computing loss (predictions: {', '.join(bad)})")
+        return {
+            name: p if ok else torch.nan_to_num(p, nan=0.0)
+            for (name, p), ok in zip(predictions.items(), finite, strict=True)
+        }
 
     def _dens_loss_fn(self) -> torch.nn.Module:
         """Elementwise loss of the DeNS term: ``optim.dens.loss`` or the forces' loss."""
@@ -402,20 +607,46 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         if keys.DENS_MASK not in batch:
             return super()._compute_metrics(out, batch, evaluator, metrics)
         metrics = {} if metrics is None else metrics
+        out = {name: value for name, value in out.items() if name in self.output_targets}
         is_dens = batch[keys.DENS_STRUCTURE]
-        if not is_dens.any():
-            metrics = super()._compute_metrics(out, batch, evaluator, metrics)
-        elif not is_dens.all():
-            original = (~is_dens).nonzero().view(-1)
-            atoms = ~is_dens[batch.batch]
-            sub_out = {
-                name: value[atoms]
-                if self.output_targets[name].get("level") == "atom"
-                else value[original]
-                for name, value in out.items()
-            }
-            sub_batch = Batch.from_data_list(batch.index_select(original))
+        if not is_dens.all():
+            sub_out, sub_batch = self._original_task_part(out, batch, ~is_dens)
             metrics = super()._compute_metrics(sub_out, sub_batch, evaluator, metrics)
         for name, value in self._dens_log.items():
             metrics = evaluator.update(name, value, metrics)
         return metrics
+
+    def _original_task_part(
+        self, out: dict[str, torch.Tensor], batch: Any, structures: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], Batch]:
+        """The outputs and the batch restricted to the structures selected by the (n_structures,)
+        mask ``structures``: every tensor the collation concatenated along dim 0 keeps the rows
+        of the selected structures (the collation's slices give each structure's rows: atoms,
+        one row, the 3 rows of a 3x3 stress, ...); ``batch``/``ptr`` are renumbered."""
+        atoms = structures[batch.batch]  # (n_atoms,)
+        sub_out = {
+            name: value[atoms]
+            if self.output_targets[name].get("level") == "atom"
+            else value[structures]
+            for name, value in out.items()
+        }
+        slices = getattr(batch, "_slice_dict", None) or {}
+        increments = getattr(batch, "_inc_dict", None) or {}
+        keep = structures.cpu()
+        fields: dict[str, Any] = {}
+        for key in batch.keys():
+            value = batch[key]
+            if key in ("batch", "ptr") or key not in slices or not isinstance(value, torch.Tensor):
+                continue
+            increment = increments.get(key)
+            if isinstance(increment, torch.Tensor) and bool(increment.any()):
+                continue  # indices into other rows (edges): not needed by the metrics
+            if value.dim() == 0 or value.shape[0] != int(slices[key][-1]):
+                continue  # not concatenated along dim 0
+            rows = keep.repeat_interleave(slices[key].diff())  # each structure's rows
+            fields[key] = value[rows.to(value.device)]
+        natoms = fields["natoms"]
+        renumber = structures.long().cumsum(0) - 1  # old structure index -> new one
+        fields["batch"] = renumber[batch.batch][atoms]
+        fields["ptr"] = torch.cat([natoms.new_zeros(1), natoms.cumsum(0)])
+        return sub_out, Batch(**fields)

@@ -41,8 +41,17 @@ RUN_FILES: dict[str, tuple[float, str]] = {
     "oc20/s2ef_all_md/equiformer_v2_dens.yml": (160e6, "Table 2, App. B.1"),
     "oc22/equiformer_v2_dens.yml": (127e6, "Table 3, App. C.1"),
     "oc22/equiformer_v2.yml": (122e6, "Table 3"),
+    # the authors' released DeNS values beside each paper DeNS run
+    "oc20/s2ef_2m/equiformer_v2_dens_released.yml": (89e6, "Table 1d"),
+    "oc20/s2ef_2m/equiformer_v2_dens_medium_released.yml": (89e6, "Table 1d"),
+    "oc20/s2ef_2m/equiformer_v2_dens_long_released.yml": (89e6, "Table 1d"),
+    "oc20/s2ef_2m/escn_dens_released.yml": (52e6, "Table 1d"),
+    "oc20/s2ef_all_md/equiformer_v2_dens_released.yml": (160e6, "Table 2, App. B.1"),
+    "oc22/equiformer_v2_dens_released.yml": (127e6, "Table 3, App. C.1"),
 }
 DENS_FILES = [name for name in RUN_FILES if "dens" in Path(name).name]
+RELEASED_FILES = [name for name in DENS_FILES if name.endswith("_released.yml")]
+PAPER_DENS_FILES = [name for name in DENS_FILES if name not in RELEASED_FILES]
 BASELINE_FILES = [name for name in RUN_FILES if name not in DENS_FILES]
 #: baseline run file -> the DeNS run file of the same paper row
 BASELINE_PARTNER = {
@@ -52,6 +61,22 @@ BASELINE_PARTNER = {
     "oc20/s2ef_2m/escn.yml": "oc20/s2ef_2m/escn_dens.yml",
     "oc22/equiformer_v2.yml": "oc22/equiformer_v2_dens.yml",
 }
+
+#: the authors' released configs (atomicarchitects/DeNS, configs/...)
+RELEASED_EQV2_12 = (
+    "released oc20/2M/equiformer_v2/equiformer_dens_v2_N@12_L@6_M@2_lr@2e-4_epochs@12_std@0.1"
+    "_gpus@16.yml"
+)
+RELEASED_EQV2_30 = (
+    "released oc20/2M/equiformer_v2/equiformer_dens_v2_N@12_L@6_M@2_lr@4e-4_epochs@30_std@0.15"
+    "_gpus@32.yml (std 0.1 inside)"
+)
+RELEASED_ESCN = "released oc20/2M/escn/escn_dens_N@12_L@6_M@2_epochs@20.yml"
+RELEASED_ALL_MD = (
+    "released oc20/all-md/equiformer_v2/equiformer_v2_dens_N@20_L@6_M@3_lr@4e-4_epochs@2_std@0.1"
+    "_dens-relax-data-only.yml"
+)
+RELEASED_OC22 = "released oc22/equiformer_v2/equiformer_v2_dens_N@18_L@6_M@2_e@4_f@100_std@0.15.yml"
 
 # ---- the paper's values --------------------------------------------------------------------
 Row = tuple[str, Any, str]  # (config key path, value, citation)
@@ -122,23 +147,37 @@ def dens(
 T7 = "Table 7 (S2EF-2M)"
 T7A = "Table 7 (S2EF-All+MD)"
 EQV2_2M = eqv2_rows(T7, 12, 2, 0.05) + optim_rows(T7, 0.1, 2, 100)
-#: eSCN: the DeNS paper states only the epochs and the size (Table 1d, 20 epochs, 52M); the model
-#: is eSCN's OC20 S2EF-2M one (L 6, M 2, 12 layers; the count test verifies 52M) and the rest is
-#: the S2EF-2M base of Table 7.
-ESCN = "eSCN L=6 M=2 12 layers (Passaro & Zitnick 2023, OC20 S2EF-2M)"
+#: eSCN: the DeNS paper states only the epochs and the size (Table 1d, 20 epochs, 52M); model,
+#: optimiser and schedule are those of the authors' released eSCN + DeNS config.
 ESCN_2M = [
-    *optim_rows(T7, 0.1, 2, 100),
-    ("optim.max_epochs", 20, "Table 1d: eSCN 20 epochs"),
-    ("model.backbone.lmax_list", [6], ESCN),
-    ("model.backbone.mmax_list", [2], ESCN),
-    ("model.backbone.num_layers", 12, ESCN),
-    ("model.backbone.sphere_channels", 128, ESCN),
-    ("model.backbone.hidden_channels", 256, ESCN),
-    ("model.backbone.edge_channels", 128, ESCN),
-    ("model.backbone.cutoff", 12.0, ESCN),
-    ("model.backbone.max_neighbors", 20, ESCN),
-    ("model.backbone.num_sphere_samples", 128, ESCN),
-    ("model.backbone.distance_resolution", 0.02, ESCN + ": 600 bases over 12 Å"),
+    ("optim.max_epochs", 20, "Table 1d: eSCN 20 epochs; " + RELEASED_ESCN),
+    ("optim.lr_initial", 8e-4, RELEASED_ESCN),
+    ("optim.optimizer", "AdamW", RELEASED_ESCN),
+    ("optim.optimizer_params.amsgrad", True, RELEASED_ESCN),
+    ("optim.optimizer_params.weight_decay", 0.01, RELEASED_ESCN),
+    ("optim.scheduler", "LambdaLR", RELEASED_ESCN),
+    ("optim.scheduler_params.lambda_type", "multistep", RELEASED_ESCN),
+    ("optim.scheduler_params.warmup_epochs", 0.01, RELEASED_ESCN),
+    ("optim.scheduler_params.warmup_factor", 0.2, RELEASED_ESCN),
+    ("optim.scheduler_params.decay_epochs", [11.7, 15, 18.3], RELEASED_ESCN),
+    ("optim.scheduler_params.decay_rate", 0.3, RELEASED_ESCN),
+    ("optim.batch_size", 6, RELEASED_ESCN + ": 6 per GPU"),
+    ("optim.clip_grad_norm", 100, RELEASED_ESCN),
+    ("optim.ema_decay", 0.999, RELEASED_ESCN),
+    ("loss_functions.energy.coefficient", 2, RELEASED_ESCN),
+    ("loss_functions.forces.coefficient", 100, RELEASED_ESCN),
+    ("model.backbone.lmax_list", [6], RELEASED_ESCN),
+    ("model.backbone.mmax_list", [2], RELEASED_ESCN),
+    ("model.backbone.num_layers", 12, RELEASED_ESCN),
+    ("model.backbone.sphere_channels", 128, RELEASED_ESCN),
+    ("model.backbone.hidden_channels", 256, RELEASED_ESCN),
+    ("model.backbone.cutoff", 12.0, RELEASED_ESCN),
+    ("model.backbone.max_neighbors", 20, RELEASED_ESCN),
+    ("model.backbone.num_sphere_samples", 128, RELEASED_ESCN),
+    ("model.backbone.basis_width_scalar", 2.0, RELEASED_ESCN),
+    ("model.backbone.distance_function", "gaussian", RELEASED_ESCN),
+    ("model.backbone.edge_channels", 128, RELEASED_ESCN + ": code default"),
+    ("model.backbone.distance_resolution", 0.02, RELEASED_ESCN + ": code default, 600 bases"),
 ]
 PAPER: dict[str, list[Row]] = {
     "oc20/s2ef_2m/equiformer_v2_dens.yml": EQV2_2M + run_rows(T7 + ", Table 1d", 12, 2e-4),
@@ -149,6 +188,12 @@ PAPER: dict[str, list[Row]] = {
     "oc20/s2ef_2m/equiformer_v2_long.yml": EQV2_2M + run_rows(T7 + ", Table 1d", 30, 4e-4),
     "oc20/s2ef_2m/escn_dens.yml": ESCN_2M,
     "oc20/s2ef_2m/escn.yml": ESCN_2M,
+    "oc20/s2ef_2m/escn_dens_released.yml": ESCN_2M,
+    "oc20/s2ef_2m/equiformer_v2_dens_released.yml": EQV2_2M + run_rows(T7 + ", Table 1d", 12, 2e-4),
+    "oc20/s2ef_2m/equiformer_v2_dens_medium_released.yml": EQV2_2M
+    + run_rows(T7 + ", Table 1d", 20, 4e-4),
+    "oc20/s2ef_2m/equiformer_v2_dens_long_released.yml": EQV2_2M
+    + run_rows(T7 + ", Table 1d", 30, 4e-4),
     "oc20/s2ef_all_md/equiformer_v2_dens.yml": eqv2_rows(T7A, 20, 3, 0.1)
     + optim_rows(T7A, 0.01, 4, 100)
     + run_rows(T7A, 2, 4e-4),
@@ -159,6 +204,10 @@ PAPER: dict[str, list[Row]] = {
     + optim_rows("Table 8", 0.1, 4, 50)
     + run_rows("Table 8", 6, 2e-4),
 }
+PAPER["oc20/s2ef_all_md/equiformer_v2_dens_released.yml"] = PAPER[
+    "oc20/s2ef_all_md/equiformer_v2_dens.yml"
+]
+PAPER["oc22/equiformer_v2_dens_released.yml"] = PAPER["oc22/equiformer_v2_dens.yml"]
 
 #: The optim.dens section of each DeNS run file.
 PAPER_DENS: dict[str, dict[str, Any]] = {
@@ -167,7 +216,8 @@ PAPER_DENS: dict[str, dict[str, Any]] = {
     "oc20/s2ef_2m/equiformer_v2_dens.yml": dens(0.5, 0.5, 10, 1.0, "free"),
     "oc20/s2ef_2m/equiformer_v2_dens_medium.yml": dens(0.75, 0.5, 10, 1.0, "free"),
     "oc20/s2ef_2m/equiformer_v2_dens_long.yml": dens(0.75, 0.5, 10, 1.0, "free"),
-    # the paper gives no DeNS setting for eSCN: the 20-epoch EquiformerV2 setting (documented)
+    # the paper gives no DeNS setting for eSCN: its OC20 method (App. B.1) with the 20-epoch
+    # EquiformerV2 setting (documented)
     "oc20/s2ef_2m/escn_dens.yml": dens(0.75, 0.5, 10, 1.0, "free"),
     # Table 7 right column: σ_high 0.75, p 0.25, λ 10, r 1.0; MD frames never corrupted (the
     # authors' "relax-data-only" All+MD run: the `md` flag of their dens_lmdb_dataset.py)
@@ -180,8 +230,49 @@ PAPER_DENS: dict[str, dict[str, Any]] = {
     "oc22/equiformer_v2_dens.yml": dens(0.5, 0.5, 100, 0.5, "all"),
 }
 
+
+def released(
+    sigma: float, prob: float, coefficient: float, ratio: float, candidates: str
+) -> dict[str, Any]:
+    """The optim.dens section of a run with the authors' released DeNS values (a fixed σ)."""
+    return {
+        "sigma": sigma,
+        "prob": prob,
+        "coefficient": coefficient,
+        "corrupt_ratio": ratio,
+        "candidates": candidates,
+        "energy_on_dens": True,
+        "schedule": "constant",
+    }
+
+
+#: The optim.dens section of each released variant: (values, the released file they come from)
+RELEASED_DENS: dict[str, tuple[dict[str, Any], str]] = {
+    "oc20/s2ef_2m/equiformer_v2_dens_released.yml": (
+        released(0.1, 0.5, 10, 0.5, "free"),
+        RELEASED_EQV2_12,
+    ),
+    # no released 20-epoch file: the DeNS values both released EquiformerV2 files share
+    "oc20/s2ef_2m/equiformer_v2_dens_medium_released.yml": (
+        released(0.1, 0.5, 10, 0.5, "free"),
+        RELEASED_EQV2_12 + " and " + RELEASED_EQV2_30,
+    ),
+    "oc20/s2ef_2m/equiformer_v2_dens_long_released.yml": (
+        released(0.1, 0.5, 10, 0.5, "free"),
+        RELEASED_EQV2_30,
+    ),
+    "oc20/s2ef_2m/escn_dens_released.yml": (released(0.15, 0.5, 10, 0.5, "free"), RELEASED_ESCN),
+    "oc20/s2ef_all_md/equiformer_v2_dens_released.yml": (  # MD frames never corrupted
+        {**released(0.1, 0.125, 15, 0.25, "free"), "skip_flag": "md", "skip_list": None},
+        RELEASED_ALL_MD,
+    ),
+    # every OC22 atom is free (App. C.1), so "all" is the released free-atom corruption
+    "oc22/equiformer_v2_dens_released.yml": (released(0.15, 0.5, 25, 0.5, "all"), RELEASED_OC22),
+}
+
 #: global batch of the paper = per-rank batch_size x GPUs of the paper
 GLOBAL_BATCH = {
+    "oc20/s2ef_2m/escn": (96, 16, "released eSCN: 6 per GPU, lr 8e-4 'for batch size 96'"),
     "oc20/s2ef_2m": (64, 16, "Table 7: batch 64; App. B.1: 16 V100 GPUs"),
     "oc20/s2ef_all_md": (512, 128, "Table 7: batch 512; App. B.1: 128 V100 GPUs"),
     "oc22": (128, 32, "Table 8: batch 128; App. C.1: 32 V100 GPUs"),
@@ -229,17 +320,11 @@ def param_count(model: dict[str, Any]) -> tuple[int, torch.nn.Module]:
 @functools.cache
 def _built(model_json: str) -> tuple[int, int, str, int]:
     """(parameters, radial bases, backbone class, DeNS-only parameters) of a full-size model."""
-    from fairchem_dens.force_encoding import ForceEncoding
-    from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
+    from fairchem_dens.dens_only import dens_only_parameters
 
     count, net = param_count(json.loads(model_json))
     bases = int(net.backbone.distance_expansion.offset.numel())
-    dens_only = sum(
-        p.numel()
-        for m in net.modules()
-        if isinstance(m, (ForceEncoding, EqV2NoiseHead, eSCNNoiseHead))
-        for p in m.parameters()
-    )
+    dens_only = sum(p.numel() for p in dens_only_parameters(net))
     return count, bases, type(net.backbone).__name__, dens_only
 
 
@@ -300,7 +385,7 @@ def test_global_batch_is_the_papers_on_the_papers_gpus(name: str) -> None:
     assert load(name)["optim"]["batch_size"] * gpus == batch, cite
 
 
-@pytest.mark.parametrize("name", DENS_FILES)
+@pytest.mark.parametrize("name", PAPER_DENS_FILES)
 def test_dens_section_is_the_papers(name: str) -> None:
     from fairchem_dens.config import DeNSConfig
 
@@ -308,6 +393,29 @@ def test_dens_section_is_the_papers(name: str) -> None:
     assert optim["dens"] == PAPER_DENS[name]
     config = DeNSConfig.from_optim(optim)  # validates every key as the trainer does
     assert config is not None and config.multi_scale
+
+
+@pytest.mark.parametrize("name", RELEASED_FILES)
+def test_released_variant_has_the_released_dens_values(name: str) -> None:
+    """Beside each paper run file, the same run with the authors' released DeNS values (fixed σ,
+    p_DeNS, r_DeNS, λ_DeNS), which differ from the paper's text; all else is the paper file's."""
+    from fairchem_dens.config import DeNSConfig
+
+    values, source = RELEASED_DENS[name]
+    config = load(name)
+    assert config["optim"]["dens"] == values, source
+    dens = DeNSConfig.from_optim(config["optim"])
+    assert dens is not None and not dens.multi_scale
+    paper = load(name.replace("_released.yml", ".yml"))
+    assert paper["optim"]["dens"] != config["optim"]["dens"]
+    config["optim"].pop("dens"), paper["optim"].pop("dens")
+    assert config == paper
+
+
+def test_every_paper_dens_run_has_a_released_variant() -> None:
+    assert sorted(RELEASED_FILES) == sorted(
+        name.replace(".yml", "_released.yml") for name in PAPER_DENS_FILES
+    )
 
 
 @pytest.mark.parametrize("name", BASELINE_FILES)
@@ -426,8 +534,16 @@ def shrink_args(name: str, data: Path) -> list[str]:
     return args
 
 
+#: Run files trained through the CLI: every paper file, and of the released variants (which equal
+#: their paper file except optim.dens, see test_released_variant_has_the_released_dens_values) one
+#: with a fixed σ on eSCN, to keep the suite short.
+CLI_FILES = [name for name in RUN_FILES if name not in RELEASED_FILES] + [
+    "oc20/s2ef_2m/escn_dens_released.yml"
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(RUN_FILES))
+@pytest.mark.parametrize("name", CLI_FILES)
 def test_run_file_trains_two_steps_through_the_stock_cli(name: str, emt_data, tmp_path) -> None:
     """The file exactly as written (from another cwd), shrunk by command-line overrides only."""
     output = run_cli(
@@ -633,14 +749,3 @@ def test_missing_dataset_format_gives_our_clear_error(emt_data, tmp_path) -> Non
     assert "\n" not in message
     assert message.startswith("dataset.train.format='lmdb': optim.dens needs a DeNS dataset")
     assert "fairchem_dens.datasets.DeNSLmdbDataset" in message
-
-
-def test_config_comments_state_the_fixed_sigma_of_the_released_configs() -> None:
-    """Every DeNS run file (or its include) says that the original repository used σ = 0.1 and
-    these configs follow the paper's multi-scale noise."""
-    for name in DENS_FILES:
-        folder = (CONFIGS / name).parent
-        texts = [(CONFIGS / name).read_text()] + [p.read_text() for p in folder.glob("*base*.yml")]
-        if "all_md" in name:
-            texts = texts[:1]
-        assert any("fixed σ = 0.1" in t and "0.15" in t for t in texts), name

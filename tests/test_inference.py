@@ -476,6 +476,77 @@ def test_plain_escn_checkpoint_loads_into_the_dens_escn(oc20, tmp_path, caplog):
         assert_same_predictions(predict(trainer, trainer.test_loader), expected)
 
 
+def named_ema(trainer: Any) -> dict[str, torch.Tensor]:
+    """The trainer's EMA weights by parameter name (the EMA list follows the parameters)."""
+    names = [
+        n.removeprefix("module.") for n, p in trainer.model.named_parameters() if p.requires_grad
+    ]
+    return dict(zip(names, trainer.ema.shadow_params, strict=True))
+
+
+def named_weights(trainer: Any) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in trainer.model.state_dict().items()}
+
+
+def test_ddp_saved_and_plain_saved_checkpoints_both_load_with_ema(oc20, tmp_path):
+    """The CLI saves the DDP-wrapped model (``module.`` keys); a checkpoint saved from the bare
+    model has none. Both load by name into the (DDP-wrapped) trainer with the same weights,
+    EMA and trainer state."""
+    checkpoint = torch.load(oc20["checkpoint"], weights_only=False)
+    assert all(k.startswith("module.") for k in checkpoint["state_dict"])  # DDP-saved
+    plain = {
+        **checkpoint,
+        "state_dict": {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()},
+    }
+    torch.save(plain, tmp_path / "plain.pt")
+    loaded = []
+    for path in (oc20["checkpoint"], tmp_path / "plain.pt"):
+        with trainer_from_config(copy.deepcopy(oc20["config"]), tmp_path / path.stem) as trainer:
+            assert trainer.model is not trainer._unwrapped_model
+            trainer.load_checkpoint(str(path))
+            loaded.append((named_weights(trainer), named_ema(trainer), trainer.step))
+    (weights, ema, step), (plain_weights, plain_ema, plain_step) = loaded
+    assert step == plain_step == 2  # the very run: its trainer state loads
+    assert weights.keys() == plain_weights.keys()
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+    assert all(torch.equal(ema[k], plain_ema[k]) for k in ema)
+    saved = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
+    assert not all(torch.equal(ema[k], weights[k]) for k in ema)  # a real EMA, not the weights
+
+
+def test_checkpoint_into_a_model_with_an_added_head_matches_ema_by_name(oc20, tmp_path):
+    """Fine-tuning with one more head (``strict_load: false``, as fairchem's e2e test loads a
+    checkpoint into a model with an added head): the new head sorts first, so every parameter
+    moves by position; each weight and EMA entry still lands on the parameter of its name, the
+    new head starts (and its EMA starts) from its fresh weights, the trainer state restored by
+    position is not loaded, and EMA predictions run."""
+    with trainer_from_config(copy.deepcopy(oc20["config"]), tmp_path / "same") as trainer:
+        trainer.load_checkpoint(str(oc20["checkpoint"]))
+        expected_ema, expected_weights = named_ema(trainer), named_weights(trainer)
+    config = copy.deepcopy(oc20["config"])
+    config["task"] = {**config.get("task", {}), "strict_load": False}
+    config["model"]["heads"]["aux_energy"] = {  # sorts before the others (HydraModel sorts)
+        "module": "equiformerV2_scalar_head",
+        "output_name": "aux_energy",
+    }
+    config["dataset"]["test"] = {"src": str(oc20["splits"]["id"])}
+    with trainer_from_config(config, tmp_path / "added") as trainer:
+        fresh = {n: p.detach().clone() for n, p in named_ema(trainer).items() if "aux" in n}
+        heads = [name for name in named_ema(trainer) if name.startswith("output_heads.")]
+        assert fresh and heads[0].startswith("output_heads.aux_energy.")
+        trainer.load_checkpoint(str(oc20["checkpoint"]))
+        ema, weights = named_ema(trainer), named_weights(trainer)
+        assert trainer.step == 0  # fine-tuning from the weights, not the very run
+        predict(trainer, trainer.test_loader)  # the EMA weights are copied in and out
+    for name, value in expected_ema.items():
+        assert torch.equal(ema[name], value), name
+    for name, value in expected_weights.items():
+        assert torch.equal(weights[name], value), name
+    for name, value in fresh.items():
+        assert torch.equal(weights[name], value) and torch.equal(ema[name], value), name
+
+
 # ---- bad input: one line naming the file -------------------------------------------------------
 
 

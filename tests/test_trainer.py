@@ -3,13 +3,19 @@ corruption outside the training split, logging, and clear errors for bad setting
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import pytest
 import torch
 from fairchem.core.common import distutils
+from fairchem.core.trainers import OCPTrainer
 from helpers import tiny_config, trainer_from_config
+from torch_geometric.data import Batch
 
 from fairchem_dens import keys
 from fairchem_dens.config import DeNSConfigError
+from fairchem_dens.noise import Status
 
 
 def first_batch(trainer):
@@ -19,14 +25,15 @@ def first_batch(trainer):
 
 
 def optimal_outputs(trainer, batch):
-    """Predictions equal to the normalised targets (the exact optimum of Alg. 1)."""
+    """Predictions equal to the normalised targets (the exact optimum of Alg. 1); the noise
+    prediction is a model output like energy and forces."""
     out = {}
     for name in ("energy", "forces"):
         target = batch[name].view(batch[name].shape[0], -1).clone()
         if name in trainer.elementrefs:
             target = trainer.elementrefs[name].dereference(target, batch)
         out[name] = trainer.normalizers[name].norm(target).requires_grad_()
-    trainer._model_output = {keys.NOISE_OUTPUT: batch[keys.DENS_TARGET].clone().requires_grad_()}
+    out[keys.NOISE_OUTPUT] = batch[keys.DENS_TARGET].clone().requires_grad_()
     return out
 
 
@@ -46,10 +53,7 @@ def test_loss_is_zero_at_the_optimum_and_each_term_reads_only_its_atoms(trainer)
 
     def loss_with(name, rows, delta=1.0):
         moved = {k: v.detach().clone() for k, v in out.items()}
-        noise = trainer._model_output[keys.NOISE_OUTPUT].detach().clone()
-        target = noise if name == "noise" else moved[name]
-        target[rows] += delta
-        trainer._model_output = {keys.NOISE_OUTPUT: noise}
+        moved[keys.NOISE_OUTPUT if name == "noise" else name][rows] += delta
         return trainer._compute_loss(moved, batch).item()
 
     corrupted = mask.nonzero()[0]
@@ -160,15 +164,18 @@ def test_bad_settings_stop_with_one_line(emt_data, tmp_path, change, message):
     assert "\n" not in str(error.value)
 
 
-def test_missing_noise_head_is_a_clear_error(emt_data, tmp_path):
+def test_missing_noise_head_stops_training_with_one_line(emt_data, tmp_path):
+    """Training with optim.dens needs the noise head (a plain model may still validate and
+    predict with the same config)."""
     config = tiny_config(emt_data)
     del config["model"]["heads"]["dens_noise"]
     with trainer_from_config(config, tmp_path) as trainer:
-        batch = first_batch(trainer)
-        with torch.no_grad():
-            out = trainer._forward(batch)
-        with pytest.raises(DeNSConfigError, match=r"model\.heads: no head outputs 'dens_noise'"):
-            trainer._compute_loss(out, batch)
+        with pytest.raises(
+            DeNSConfigError, match=r"^model\.heads: optim\.dens needs a DeNS"
+        ) as error:
+            trainer.train(disable_eval_tqdm=True)
+        assert trainer.step == 0
+    assert "\n" not in str(error.value)
 
 
 def test_epoch_window_and_ddp_without_dens_modules(emt_data, tmp_path, monkeypatch):
@@ -236,3 +243,249 @@ def test_dens_disabled_with_dens_model_trains_under_ddp(emt_data, tmp_path):
         assert trainer.dens is None and trainer.model is not trainer._unwrapped_model
         trainer.train(disable_eval_tqdm=True)
         assert trainer.step == len(trainer.train_loader) >= 2
+
+
+# ---- the loss value against Alg. 1 by hand (issue 14 item 5) ------------------------------------
+
+
+def hand_batch(trainer, sigma: float = 0.2, seed: int = 0) -> Batch:
+    """Two training structures: the first keeps the original task, the second is a DeNS
+    structure with r_DeNS < 1 (half of its free atoms corrupted); both have fixed atoms."""
+    generator = torch.Generator().manual_seed(seed)
+    structures = []
+    for index, is_dens in ((0, False), (1, True)):
+        data = trainer.train_dataset[index].clone()  # not enabled: an uncorrupted structure
+        n = data.pos.shape[0]
+        free = data.fixed == 0
+        mask = torch.zeros(n, dtype=torch.bool)
+        if is_dens:
+            free_atoms = free.nonzero().view(-1)
+            mask[free_atoms[: len(free_atoms) // 2]] = True  # r_DeNS < 1
+        noise = torch.randn(n, 3, generator=generator) * sigma * mask[:, None]
+        data[keys.DENS_MASK] = mask
+        data[keys.DENS_STRUCTURE] = torch.tensor([is_dens])
+        data[keys.DENS_SIGMA] = torch.tensor([sigma if is_dens else 0.0])
+        data[keys.DENS_STATUS] = torch.tensor([int(Status.DENS if is_dens else Status.ORIGINAL)])
+        data[keys.DENS_TARGET] = noise / sigma  # Eq. 4 target ε/σ
+        data[keys.DENS_FORCE_INPUT] = data.forces * mask[:, None]
+        structures.append(data)
+    return Batch.from_data_list(structures)
+
+
+def random_outputs(batch, seed: int = 1, noise: bool = True) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    n, b = batch.pos.shape[0], batch.natoms.numel()
+    out = {
+        "energy": torch.randn(b, 1, generator=generator),
+        "forces": torch.randn(n, 3, generator=generator),
+    }
+    if noise:
+        out[keys.NOISE_OUTPUT] = torch.randn(n, 3, generator=generator)
+    return {name: value.requires_grad_() for name, value in out.items()}
+
+
+def with_reduction(config, reduction: str):
+    for entry in config["loss_functions"]:
+        for spec in entry.values():
+            spec["reduction"] = reduction
+    return config
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_value_is_alg1_computed_by_hand(emt_data, tmp_path, reduction):
+    """λ_E·L_E + λ_F·L_F + λ_DeNS·L_DeNS of a mixed batch (trainer.py's module docstring: B
+    structures, N = free ∪ corrupted atoms shared by L_F and L_DeNS), from the paper's
+    formulas in plain torch (Eq. 1, Eq. 4, Eq. 6, Alg. 1 l.30-40); ``sum`` drops B and N."""
+    config = with_reduction(tiny_config(emt_data, coefficient=7.0), reduction)
+    with trainer_from_config(config, tmp_path) as trainer:
+        batch = hand_batch(trainer)
+        out = random_outputs(batch)
+        loss = trainer._compute_loss(out, batch).item()
+
+        mask, free = batch[keys.DENS_MASK], batch.fixed == 0
+        assert mask.any() and (free & ~mask).any() and (~free).any()
+        assert batch[keys.DENS_STRUCTURE].tolist() == [False, True]
+        assert (mask.sum() < free[batch.batch == 1].sum()).item()  # r_DeNS < 1
+        assert "energy" not in trainer.elementrefs
+        coefficient = {name: info["coefficient"] for name, info in trainer.loss_functions}
+        energy_norm, force_norm = trainer.normalizers["energy"], trainer.normalizers["forces"]
+        d = torch.float64
+        # Eq. 1 / Eq. 6 targets: normalised energy E' and forces f'
+        energy_target = (batch.energy.to(d) - float(energy_norm.mean)) / float(energy_norm.rmsd)
+        force_target = (batch.forces.to(d) - float(force_norm.mean)) / float(force_norm.rmsd)
+        energy_error = (out["energy"].detach().to(d).view(-1) - energy_target.view(-1)).abs()
+        force_error = (out["forces"].detach().to(d) - force_target).norm(dim=-1)  # l2mae
+        noise_error = (  # Eq. 4: |ε̂ - ε/σ|
+            out[keys.NOISE_OUTPUT].detach().to(d) - batch[keys.DENS_TARGET].to(d)
+        ).norm(dim=-1)
+        loss_energy = energy_error.sum()  # both structures (energy_on_dens, Eq. 6)
+        loss_forces = force_error[free & ~mask].sum()  # Alg. 1 l.31: uncorrupted free atoms
+        loss_dens = noise_error[mask].sum()  # Alg. 1 l.30: corrupted atoms
+        if reduction == "mean":
+            structures, atoms = batch.natoms.numel(), (free | mask).sum().item()
+            loss_energy, loss_forces, loss_dens = (
+                loss_energy / structures,
+                loss_forces / atoms,
+                loss_dens / atoms,
+            )
+        expected = (
+            coefficient["energy"] * loss_energy
+            + coefficient["forces"] * loss_forces
+            + 7.0 * loss_dens
+        ).item()
+        assert loss == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_without_a_drawn_structure_is_fairchems_loss(emt_data, tmp_path, reduction):
+    """DeNS fields but nothing drawn (p_DeNS = 0): exactly fairchem's OCPTrainer._compute_loss
+    (its DDPLoss with the entry's reduction), the noise is not declared and L_DeNS is 0."""
+    config = with_reduction(tiny_config(emt_data, prob=0.0), reduction)
+    with trainer_from_config(config, tmp_path) as trainer:
+        batch = first_batch(trainer)
+        assert keys.DENS_MASK in batch and not batch[keys.DENS_MASK].any()
+        with torch.no_grad():
+            assert keys.NOISE_OUTPUT not in trainer._forward(batch)
+        out = random_outputs(batch, noise=False)
+        ours = trainer._compute_loss(out, batch)
+        fairchems = OCPTrainer._compute_loss(trainer, out, batch)
+        assert ours.item() == pytest.approx(fairchems.item(), rel=1e-6)
+        assert trainer._dens_log["loss_dens"] == 0.0
+
+
+def test_non_finite_prediction_is_guarded_as_fairchems_ddploss(emt_data, tmp_path, caplog):
+    """A NaN prediction is logged and set to 0 (fairchem's DDPLoss): the loss stays finite and
+    equals the loss of the prediction with that row at 0 (on every term, the noise included)."""
+    with trainer_from_config(tiny_config(emt_data), tmp_path) as trainer:
+        batch = hand_batch(trainer)
+        out = random_outputs(batch)
+        zeroed = {name: value.detach().clone() for name, value in out.items()}
+        corrupted = batch[keys.DENS_MASK].nonzero()[0]
+        for name, row in (("forces", 0), ("energy", 1), (keys.NOISE_OUTPUT, corrupted)):
+            out[name].data[row] = float("nan")
+            zeroed[name][row] = 0.0
+        with caplog.at_level(logging.WARNING):
+            loss = trainer._compute_loss(out, batch)
+        assert torch.isfinite(loss)
+        assert "Found nans while computing loss" in caplog.text
+        assert loss.item() == pytest.approx(trainer._compute_loss(zeroed, batch).item())
+        # the same guard as fairchem on a batch without a drawn structure
+        batch[keys.DENS_MASK][:] = False
+        batch[keys.DENS_STRUCTURE][:] = False
+        plain = {name: out[name] for name in ("energy", "forces")}
+        fairchems = OCPTrainer._compute_loss(trainer, plain, batch)
+        assert trainer._compute_loss(plain, batch).item() == pytest.approx(fairchems.item())
+
+
+def test_noise_rows_of_uncorrupted_atoms_are_never_read(emt_data, tmp_path, caplog):
+    """The noise head may skip uncorrupted atoms (their rows are unspecified): whatever they
+    hold, NaN included, the loss and its gradients are unchanged and nothing is logged."""
+    with trainer_from_config(tiny_config(emt_data), tmp_path) as trainer:
+        batch = hand_batch(trainer)
+        out = random_outputs(batch)
+        reference = trainer._compute_loss(out, batch).item()
+        uncorrupted = ~batch[keys.DENS_MASK]
+        out[keys.NOISE_OUTPUT].data[uncorrupted] = float("nan")
+        with caplog.at_level(logging.WARNING):
+            loss = trainer._compute_loss(out, batch)
+        loss.backward()
+        assert loss.item() == pytest.approx(reference, rel=1e-6)
+        assert "Found nans" not in caplog.text
+        assert torch.isfinite(out[keys.NOISE_OUTPUT].grad).all()
+
+
+def test_unknown_reduction_is_one_line(emt_data, tmp_path):
+    config = with_reduction(tiny_config(emt_data), "per_structure")
+    with pytest.raises(
+        DeNSConfigError, match=r"^loss_functions\.energy\.reduction='per_structure'"
+    ):
+        with trainer_from_config(config, tmp_path):
+            pass
+
+
+def test_encoded_forces_are_divided_by_the_forces_normalisers_rmsd(emt_data, tmp_path):
+    """Alg. 1 l.24: f̃' = f/σ_F with σ_F the FORCES normaliser (here ≠ the energy's)."""
+    config = tiny_config(emt_data, prob=1.0)
+    normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
+    normalizer["energy"] = {"mean": 0.5, "rmsd": 3.0}
+    normalizer["forces"] = {"mean": 0.0, "rmsd": 0.25}
+    with trainer_from_config(config, tmp_path) as trainer:
+        batch = first_batch(trainer)
+        mask = batch[keys.DENS_MASK]
+        assert mask.any()
+        expected = batch.forces / 0.25 * mask[:, None]
+        assert torch.allclose(batch[keys.DENS_FORCE_INPUT], expected, rtol=1e-6, atol=0)
+
+
+# ---- metrics, windows, data files ---------------------------------------------------------------
+
+
+def test_training_metrics_of_a_mixed_batch_equal_the_per_structure_result(trainer, monkeypatch):
+    """Metrics on the original-task structures by masks equal fairchem's metrics on a batch
+    rebuilt from those structures (the old way), and no Batch is rebuilt per step."""
+    batch = first_batch(trainer)
+    is_dens = batch[keys.DENS_STRUCTURE]
+    assert is_dens.any() and (~is_dens).any()
+    with torch.no_grad():
+        out = trainer._forward(batch)
+        trainer._compute_loss(out, batch)  # fills the logged DeNS terms
+    original = (~is_dens).nonzero().view(-1)
+    atoms = ~is_dens[batch.batch]
+    level = {name: trainer.output_targets[name]["level"] for name in ("energy", "forces")}
+    sub_out = {n: out[n][atoms] if level[n] == "atom" else out[n][original] for n in level}
+    sub_batch = Batch.from_data_list(batch.index_select(original))
+    expected = OCPTrainer._compute_metrics(trainer, sub_out, sub_batch, trainer.evaluator, {})
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("Batch.from_data_list called while computing training metrics")
+
+    monkeypatch.setattr(Batch, "from_data_list", no_rebuild)
+    metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    for name, value in expected.items():
+        assert metrics[name]["numel"] == value["numel"], name
+        assert metrics[name]["total"] == pytest.approx(value["total"], rel=1e-6), name
+    assert metrics["loss_dens"]["metric"] == pytest.approx(trainer._dens_log["loss_dens"])
+
+
+def test_fractional_epoch_window_is_refused_with_one_line(emt_data, tmp_path):
+    config = tiny_config(emt_data, epochs=[0, 0.5])
+    with pytest.raises(
+        DeNSConfigError, match=r"^optim\.dens\.epochs=\[0, 0\.5\]: bounds must be"
+    ) as error:
+        with trainer_from_config(config, tmp_path):
+            pass
+    assert "\n" not in str(error.value)
+
+
+def test_missing_metadata_with_atom_balancing_is_one_line(emt_data, tmp_path):
+    """``load_balancing: atoms`` without metadata.npz (official LMDBs ship without it) stops at
+    start naming the file and fairchem's command that writes it."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(emt_data / "oc20" / "train" / "data.lmdb", bare / "data.lmdb")
+    config = tiny_config(emt_data)
+    config["dataset"]["train"]["src"] = str(bare)
+    config["optim"]["load_balancing"] = "atoms"
+    with pytest.raises(DeNSConfigError) as error:
+        with trainer_from_config(config, tmp_path / "run"):
+            pass
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"optim.load_balancing='atoms': needs {bare / 'metadata.npz'}")
+    assert f"python -m fairchem.core.scripts.make_lmdb_sizes --data-path {bare}" in message
+
+
+def test_batch_with_dens_fields_and_nothing_corrupted_trains_under_ddp(emt_data, tmp_path):
+    """p_DeNS = 0: every batch carries DeNS fields and no corrupted atom; the noise head's
+    output is not declared, L_DeNS is exactly 0 and the DDP-wrapped model trains."""
+    config = tiny_config(emt_data, prob=0.0)
+    config["dataset"]["train"]["train_split_settings"] = {"first_n": 8}
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 0.5
+    with trainer_from_config(config, tmp_path) as trainer:
+        assert trainer.model is not trainer._unwrapped_model
+        logs = []
+        log_terms = trainer._log_dens_terms
+        trainer._log_dens_terms = lambda terms, batch: logs.append(terms) or log_terms(terms, batch)
+        trainer.train(disable_eval_tqdm=True)
+        assert trainer.step == 2 and len(logs) == 2
+        assert all(terms["dens"][1].item() == 0.0 for terms in logs)

@@ -63,7 +63,7 @@ def offset_outputs(trainer: Any, batch: Any, offset: float = 1.0) -> dict[str, t
         if name in trainer.normalizers:
             target = trainer.normalizers[name].norm(target)
         out[name] = (target + offset).float().requires_grad_()
-    trainer._model_output = {keys.NOISE_OUTPUT: batch[keys.DENS_TARGET].clone()}
+    out[keys.NOISE_OUTPUT] = batch[keys.DENS_TARGET].clone()  # a declared model output
     return out
 
 

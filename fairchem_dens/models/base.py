@@ -9,6 +9,11 @@ state-dict keys stay untouched:
   the edge-degree embedding's output, so the sum becomes ``x + x_f``;
 * eSCN feeds the atom embedding ``x`` to its first layer: a forward pre-hook on that layer adds
   x_f to its input.
+
+With ``activation_checkpoint: true`` gradients are unchanged (tests/test_fairchem_flows.py):
+EquiformerV2 checkpoints its blocks, which come after the hooked module, so a block's recomputation
+in the backward pass reads the stored sum; fairchem 1.10's ``eSCNBackbone`` accepts the flag but
+never checkpoints (only its legacy ``eSCN`` class does), so the pre-hook runs once per forward.
 """
 
 from __future__ import annotations
@@ -65,20 +70,36 @@ class DeNSEncodingMixin:
                 raise ValueError(f"model.backbone.{name}={value!r}: must be true or false")
         self.use_force_encoding = use_force_encoding
         self.use_sigma_encoding = use_sigma_encoding
-        channels = self.sphere_channels
-        # own random stream: the heads built after the backbone start as in the parent model
-        with separate_rng("force_encoding"):
-            self.force_encoding = (
-                ForceEncoding(lmax_list[0], channels) if use_force_encoding else None
-            )
-        with separate_rng("sigma_encoding"):
-            self.sigma_encoding = SigmaEncoding(channels) if use_sigma_encoding else None
+        modules = self.build_dens_modules(
+            lmax_list[0], self.sphere_channels, use_force_encoding, use_sigma_encoding
+        )
+        self.force_encoding = modules["force_encoding"]
+        self.sigma_encoding = modules["sigma_encoding"]
         self._dens_embedding: torch.Tensor | None = None
         hooked = self.get_submodule(self.dens_hook_module)
         if self.dens_hook_input:
             hooked.register_forward_pre_hook(self._add_dens_embedding_to_input)
         else:
             hooked.register_forward_hook(self._add_dens_embedding)
+
+    @staticmethod
+    def build_dens_modules(
+        lmax: int,
+        channels: int,
+        use_force_encoding: bool = True,
+        use_sigma_encoding: bool = False,
+    ) -> dict[str, nn.Module | None]:
+        """The DeNS-only modules of the backbone by attribute name (None where switched off).
+
+        Each is built from its own random stream, so the heads built after the backbone start
+        as in the parent model. Checkpoint loading calls this to learn the names of a DeNS
+        checkpoint's modules.
+        """
+        with separate_rng("force_encoding"):
+            force = ForceEncoding(lmax, channels) if use_force_encoding else None
+        with separate_rng("sigma_encoding"):
+            sigma = SigmaEncoding(channels) if use_sigma_encoding else None
+        return {"force_encoding": force, "sigma_encoding": sigma}
 
     def forward(self, data: Any) -> dict[str, torch.Tensor]:
         """The parent's forward, with the batch's DeNS embedding added by the hook."""
