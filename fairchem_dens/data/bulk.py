@@ -343,7 +343,7 @@ def generate_bulk(
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bulk`` subcommand's arguments to ``parser`` (a subparser or a parser)."""
-    from .cli import _fraction, _nonneg_int, _positive_int
+    from .cli import _fraction, nonneg_int, positive_int
     from .options import DEFAULT_METALS, EMT_METALS
 
     def bounded(name: str, high: float) -> Any:
@@ -359,9 +359,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("--out", required=True, help="output root (writes OUT/bulk)")
     parser.add_argument(
-        "--structures", type=_positive_int, default=DEFAULT_STRUCTURES, help="over all splits"
+        "--structures", type=positive_int, default=DEFAULT_STRUCTURES, help="over all splits"
     )
-    parser.add_argument("--seed", type=_nonneg_int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0)
     parser.add_argument(
         "--metals",
         default=",".join(DEFAULT_METALS),
