@@ -47,6 +47,12 @@ def _skipped(head: nn.Module, num_atoms: int, like: torch.Tensor) -> torch.Tenso
     return zeros + 0.0 * sum(p.sum() for p in params)
 
 
+def _check_switch(only_corrupted: Any) -> None:
+    """One line naming the key when ``only_corrupted`` is not a bool."""
+    if not isinstance(only_corrupted, bool):
+        raise ValueError(f"model.heads.*.only_corrupted={only_corrupted!r}: must be true or false")
+
+
 def _corrupted(data: Any) -> torch.Tensor:
     """(n_atoms,) bool m_i of the batch (Alg. 1 l.19)."""
     return data[keys.DENS_MASK].view(-1).bool()
@@ -97,10 +103,7 @@ class EqV2NoiseHead(DeNSOnly, EqV2VectorHead):
     def __init__(
         self, backbone: Any, output_name: str = keys.NOISE_OUTPUT, only_corrupted: bool = True
     ) -> None:
-        if not isinstance(only_corrupted, bool):
-            raise ValueError(
-                f"model.heads.*.only_corrupted={only_corrupted!r}: must be true or false"
-            )
+        _check_switch(only_corrupted)
         with separate_rng("noise_head"):  # the parent's heads start as without DeNS
             super().__init__(backbone, output_name=output_name)
         self.only_corrupted = only_corrupted
@@ -157,10 +160,7 @@ class eSCNNoiseHead(DeNSOnly, eSCNForceHead):
     def __init__(
         self, backbone: Any, output_name: str = keys.NOISE_OUTPUT, only_corrupted: bool = True
     ) -> None:
-        if not isinstance(only_corrupted, bool):
-            raise ValueError(
-                f"model.heads.*.only_corrupted={only_corrupted!r}: must be true or false"
-            )
+        _check_switch(only_corrupted)
         with separate_rng("noise_head"):  # the parent's heads start as without DeNS
             super().__init__(backbone)
         self.output_name = output_name
