@@ -110,8 +110,8 @@ MODEL = {
     "mmax_list": [2],
 }
 #: The regime of the issue's scouting run (200 frames, 300 epochs = 7500 steps: the model without
-#: DeNS fits its training set and has converged). Cost on one quiet CPU core: ~0.3 s per ethanol
-#: step with the test evaluations, i.e. ~40 min per ethanol run (aspirin ~5x more per step).
+#: DeNS fits its training set and has converged). Cost measured here: ~0.5 s of CPU per ethanol
+#: step with the evaluations, i.e. ~1 h of CPU per ethanol run (docs/benchmarks.md).
 TRAIN_FRAMES = 200
 EPOCHS = {"ethanol": 300, "aspirin": 300}
 EVALS_PER_RUN = 6
