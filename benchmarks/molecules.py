@@ -116,6 +116,65 @@ TRAIN_FRAMES = 200
 EPOCHS = {"ethanol": 300, "aspirin": 300}
 EVALS_PER_RUN = 6
 
+#: The small energy-conserving eSEN (fairchem eSEN_Backbone arguments; issue 15): L_max 2 as the
+#: EquiformerV2 above, forces = −∂E/∂r through ``esen_mlp_efs_head``. The envelope keeps the
+#: energy smooth at the cutoff (needed for conserving forces).
+ESEN = {
+    "use_pbc": False,  # the molecular graph through torch-cluster (the PBC graph is the same)
+    "otf_graph": True,
+    "max_neighbors": 24,
+    "cutoff": 5.0,
+    "max_num_elements": 90,
+    "num_layers": 2,
+    "sphere_channels": 16,
+    "hidden_channels": 16,
+    "edge_channels": 16,
+    "num_distance_basis": 16,
+    "distance_function": "gaussian",
+    "lmax": 2,
+    "mmax": 2,
+    "norm_type": "rms_norm_sh",
+    "act_type": "gate",
+    "mlp_type": "grid",
+    "use_envelope": True,
+    "direct_forces": False,
+    "regress_forces": True,
+    "regress_stress": False,
+}
+#: Model families: backbone class, its arguments, the heads without DeNS, the noise head and the
+#: variants run for the family. eSEN's forces are gradients of the energy, so its force targets
+#: are scaled by the energy's std (as the authors' MD17 code does): −∂(E/σ_E)/∂r = F/σ_E.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "equiformer_v2": {
+        "backbone": "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone",
+        "arguments": MODEL,
+        "heads": {
+            "energy": {"module": "equiformerV2_scalar_head"},
+            "forces": {"module": "equiformerV2_vector_head"},
+        },
+        "noise_head": "fairchem_dens.heads.EqV2NoiseHead",
+        "variants": list(VARIANTS),
+        "gradient_forces": False,
+        "train_frames": TRAIN_FRAMES,
+        "epochs": EPOCHS,
+        "evals": EVALS_PER_RUN,
+    },
+    "esen": {
+        "backbone": "fairchem_dens.models.esen.DeNSeSENBackbone",
+        "arguments": ESEN,
+        "heads": {"efs": {"module": "esen_mlp_efs_head"}},
+        "noise_head": "fairchem_dens.heads.eSENNoiseHead",
+        "variants": ["plain", "dens", "dens_nofe"],
+        "gradient_forces": True,
+        # sized to run 3 variants x 3 seeds in one 2-core session: ~0.3 s of CPU per step (a
+        # second-order backward per step; measured with fewer layers and channels it hardly
+        # drops), so 100 frames x 150 epochs = 1950 steps per run
+        "train_frames": 100,
+        "epochs": {"ethanol": 150, "aspirin": 150},
+        "evals": 3,
+    },
+}
+
 
 def ensure_data(molecule: str) -> Path:
     """Generate a molecule's benchmark data once; returns its folder (splits, normalizers)."""
@@ -159,18 +218,19 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     steps = spec["epochs"] * steps_per_epoch
     optim["eval_every"] = steps // spec.get("evals", EVALS_PER_RUN)
     optim["scheduler_params"]["warmup_epochs"] = max(0.02 * spec["epochs"], 1.0)
-    heads = {
-        "energy": {"module": "equiformerV2_scalar_head"},
-        "forces": {"module": "equiformerV2_vector_head"},
-    }
+    family = FAMILIES[spec.get("model", "equiformer_v2")]
+    heads = copy.deepcopy(family["heads"])
     backbone = {
-        "model": "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone",
-        **copy.deepcopy(MODEL),
+        "model": family["backbone"],
+        **copy.deepcopy(family["arguments"]),
         "use_force_encoding": False,
     }
+    if family["gradient_forces"]:  # forces in units of the energy's std: F/σ_E = −∂(E/σ_E)/∂r
+        transforms = config["dataset"]["train"]["transforms"]["normalizer"]
+        transforms["forces"] = {"mean": 0.0, "rmsd": transforms["energy"]["rmsd"]}
     if uses_dens:
         backbone.update(switches)
-        heads["dens_noise"] = {"module": "fairchem_dens.heads.EqV2NoiseHead"}
+        heads["dens_noise"] = {"module": family["noise_head"]}
         optim["dens"] = {**DENS, **overrides}
     config["trainer"] = "fairchem_dens.trainer.DeNSTrainer"
     config["model"] = {
@@ -203,8 +263,14 @@ def worker(spec: dict[str, Any]) -> None:
     common.write_json(Path(spec["run_dir"]) / "result.json", {**spec, **result})
 
 
-def run_name(molecule: str, variant: str, seed: int, frames: int) -> str:
-    return f"{molecule}_{variant}_n{frames}_seed{seed}"
+def run_name(molecule: str, variant: str, seed: int, frames: int, model: str) -> str:
+    prefix = "" if model == "equiformer_v2" else f"{model}_"
+    return f"{prefix}{molecule}_{variant}_n{frames}_seed{seed}"
+
+
+def results_stem(model: str) -> str:
+    """File stem of a family's report in benchmarks/results/."""
+    return "molecules" if model == "equiformer_v2" else f"molecules_{model}"
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -287,7 +353,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     machine = meta["machine"]
     lines = [
-        "# MD17-style molecules: DeNS vs no DeNS (generated by benchmarks/molecules.py)",
+        f"# MD17-style molecules, {meta['model_family']}: DeNS vs no DeNS (generated by "
+        "benchmarks/molecules.py)",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, no GPU lent; torch "
         f"{machine['torch']}, fairchem-core {machine['fairchem_core']}. {meta['runs']} runs, "
@@ -353,15 +420,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     common.plot_curves(panels, path, "MAE (EMA weights) vs step; mean ± std over seeds")
 
 
-def report() -> None:
+def report(model: str = "equiformer_v2") -> None:
     results = []
     for path in sorted(RUNS.glob("*/result.json")):
         result = json.loads(path.read_text())
         result.pop("config", None)
-        results.append(result)
+        if result.get("model", "equiformer_v2") == model:
+            results.append(result)
     if not results:
-        print("no finished runs")
+        print(f"no finished {model} runs")
         return
+    stem = results_stem(model)
     summary = summarise(results)
     started = min(r["finished_at"] - r["wall_seconds"] for r in results)
     meta = {
@@ -376,7 +445,8 @@ def report() -> None:
             for m, args in DATA_ARGS.items()
         ),
         "dens": DENS,
-        "model": MODEL,
+        "model_family": model,
+        "model": FAMILIES[model]["arguments"],
         "normalizers": {
             m: yaml.safe_load((DATA[m] / m / "normalizers.yml").read_text())
             for m in DATA_ARGS
@@ -384,20 +454,24 @@ def report() -> None:
         },
     }
     common.write_json(
-        common.RESULTS / "molecules.json", {"meta": meta, "summary": summary, "runs": results}
+        common.RESULTS / f"{stem}.json", {"meta": meta, "summary": summary, "runs": results}
     )
-    (common.RESULTS / "molecules.md").write_text(markdown(summary, meta))
-    plot(results, common.RESULTS / "molecules_curves.png")
-    print((common.RESULTS / "molecules.md").read_text())
+    (common.RESULTS / f"{stem}.md").write_text(markdown(summary, meta))
+    plot(results, common.RESULTS / f"{stem}_curves.png")
+    print((common.RESULTS / f"{stem}.md").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--molecules", nargs="+", default=list(DATA_ARGS), choices=list(DATA_ARGS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--model", default="equiformer_v2", choices=list(FAMILIES))
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), help="default: the family's"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-frames", type=int, default=TRAIN_FRAMES)
-    parser.add_argument("--epochs", type=int, help="default: per molecule (EPOCHS)")
+    parser.add_argument("--train-frames", type=int, help="default: the family's (FAMILIES)")
+    parser.add_argument("--epochs", type=int, help="default: the family's, per molecule")
+    parser.add_argument("--evals", type=int, help="validations per run (default: the family's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--force", action="store_true", help="rerun runs that have results")
     parser.add_argument("--report", action="store_true", help="only write the report")
@@ -406,6 +480,8 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
+    family = FAMILIES[args.model]
+    frames = args.train_frames or family["train_frames"]
     if not args.report:
         for molecule in args.molecules:
             ensure_data(molecule)
@@ -414,8 +490,8 @@ def main() -> None:
         # seed-major: a stopped sweep has every variant of the first seeds
         for seed in args.seeds:
             for molecule in args.molecules:
-                for variant in args.variants:
-                    name = run_name(molecule, variant, seed, args.train_frames)
+                for variant in args.variants or FAMILIES[args.model]["variants"]:
+                    name = run_name(molecule, variant, seed, frames, args.model)
                     run_dir = RUNS / name
                     if (run_dir / "result.json").exists() and not args.force:
                         continue
@@ -423,11 +499,13 @@ def main() -> None:
                         continue
                     specs.append(
                         {
+                            "model": args.model,
                             "molecule": molecule,
                             "variant": variant,
                             "seed": seed,
-                            "train_frames": args.train_frames,
-                            "epochs": args.epochs or EPOCHS[molecule],
+                            "train_frames": frames,
+                            "epochs": args.epochs or family["epochs"][molecule],
+                            "evals": args.evals or family["evals"],
                             "run_dir": str(run_dir),
                             "name": name,
                         }
@@ -435,7 +513,7 @@ def main() -> None:
         began = time.perf_counter()
         accuracy.launch(specs, args.jobs, script=__file__)
         print(f"sweep: {len(specs)} runs in {(time.perf_counter() - began) / 60:.1f} min")
-    report()
+    report(args.model)
 
 
 if __name__ == "__main__":

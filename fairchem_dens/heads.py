@@ -7,7 +7,8 @@ predict and relaxation batches it returns nothing and costs nothing.
 The loss reads ε̂ only on corrupted atoms (m_i = 1, Eq. 4 / Alg. 1 l.30), so by default
 (``only_corrupted=True``) a head computes only those rows: the EquiformerV2 head runs its
 graph-attention block on the edges that end on a corrupted atom, the eSCN head its
-per-sphere-point block on the corrupted atoms. Those rows equal the full computation (the same
+per-sphere-point block on the corrupted atoms, the eSEN head its atom-wise block on the corrupted
+atoms. Those rows equal the full computation (the same
 fairchem modules on the inputs they read); the other rows are zero (the contract of
 :data:`fairchem_dens.keys.NOISE_OUTPUT`: unspecified outside corrupted atoms). A batch without a
 corrupted atom skips the block entirely.
@@ -24,6 +25,9 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.heads import EqV2VectorHead
 from fairchem.core.models.equiformer_v2.so3 import SO3_Rotation
 from fairchem.core.models.escn.escn import eSCNForceHead
+from fairchem.core.models.esen.esen import Linear_Force_Head
+from fairchem.core.models.esen.esen_block import GridAtomwise, SpectralAtomwise
+from fairchem.core.models.esen.nn.layer_norm import get_normalization_layer
 from torch import nn
 
 from fairchem_dens import keys
@@ -183,3 +187,65 @@ class eSCNNoiseHead(DeNSOnly, eSCNForceHead):
         noise = super().forward(data, {**emb, "sphere_values": selected.view(-1, values.shape[1])})
         out = values.new_zeros(num_atoms, 3).index_copy(0, atoms, noise["forces"])
         return {self.output_name: out}
+
+
+#: eSEN's atom-wise feed-forward blocks by the backbone's ``mlp_type``.
+ESEN_ATOMWISE = {"grid": GridAtomwise, "spectral": SpectralAtomwise}
+
+
+@registry.register_model("dens_esen_noise_head")
+class eSENNoiseHead(DeNSOnly, Linear_Force_Head):
+    """eSEN's own vector output, fairchem's ``esen_linear_force_head`` (an SO(3)-linear map of the
+    degree ≤ 1 coefficients to one channel, read at degree 1), after one more of eSEN's atom-wise
+    blocks (the backbone's norm and ``mlp_type`` feed-forward, with a residual) on the final node
+    embeddings, read as ε̂ (Alg. 1 l.28).
+
+    As for EquiformerV2 and eSCN, the noise head is the model family's own direct vector output,
+    never the ``forces`` output: with ``direct_forces: false`` eSEN's forces are −∂E/∂r and the
+    noise is a separate, equivariant (degree-1) prediction. Every operation acts on each atom's
+    embedding alone, so with ``only_corrupted`` the head runs on the corrupted atoms only and
+    their rows equal the full computation; other rows are 0.
+
+    Args:
+        backbone: the (DeNS) eSEN backbone.
+        output_name: output key, default :data:`fairchem_dens.keys.NOISE_OUTPUT`.
+        only_corrupted: compute only what the loss reads (default); False: every atom.
+    """
+
+    def __init__(
+        self, backbone: Any, output_name: str = keys.NOISE_OUTPUT, only_corrupted: bool = True
+    ) -> None:
+        _check_switch(only_corrupted)
+        with separate_rng("noise_head"):  # the parent's heads start as without DeNS
+            super().__init__(backbone)
+            self.norm = get_normalization_layer(
+                backbone.norm_type, lmax=backbone.lmax, num_channels=backbone.sphere_channels
+            )
+            self.atom_wise = ESEN_ATOMWISE[backbone.mlp_type](
+                sphere_channels=backbone.sphere_channels,
+                hidden_channels=backbone.hidden_channels,
+                lmax=backbone.lmax,
+                mmax=backbone.mmax,
+                SO3_grid=backbone.SO3_grid,
+            )
+        self.output_name = output_name
+        self.only_corrupted = only_corrupted
+
+    def forward(self, data: Any, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """(n_atoms, 3) noise prediction under ``output_name`` (rows of corrupted atoms; zeros
+        elsewhere with ``only_corrupted``); {} without DeNS fields."""
+        if keys.DENS_MASK not in data:
+            return {}
+        x = emb["node_embedding"]  # (n_atoms, (L_max+1)², C)
+        num_atoms = x.shape[0]
+        atoms = None
+        if self.only_corrupted:
+            atoms = _corrupted(data).nonzero().view(-1)  # one host synchronisation
+            if atoms.numel() == 0:
+                return {self.output_name: _skipped(self, num_atoms, x)}
+            x = x.index_select(0, atoms)
+        x = x + self.atom_wise(self.norm(x))
+        noise = super().forward(data, {"node_embedding": x})["forces"]  # (rows, 3)
+        if atoms is not None:
+            noise = noise.new_zeros(num_atoms, 3).index_copy(0, atoms, noise)
+        return {self.output_name: noise}

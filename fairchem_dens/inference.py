@@ -66,6 +66,7 @@ from torch_geometric.data import Batch
 from fairchem_dens import keys
 from fairchem_dens.datasets import find_dens_dataset
 from fairchem_dens.dens_only import DeNSOnly, is_dens_only
+from fairchem_dens.models.base import dens_lmax
 
 #: File (in ``cmd.results_dir``) with the relaxed energies of ``--mode run-relaxations``.
 RELAXED_ENERGIES_FILE = "relaxed_energies.npz"
@@ -539,7 +540,7 @@ class InferenceMixin:
                 if key in backbone_config
             }
             modules = backbone_class.build_dens_modules(
-                backbone.lmax_list[0], backbone.sphere_channels, **flags
+                dens_lmax(backbone), backbone.sphere_channels, **flags
             )
             for name, module in modules.items():
                 if module is not None:

@@ -32,7 +32,9 @@ and N loss atoms (free atoms if ``train_on_free_atoms``, plus corrupted atoms) o
   when ``energy_on_dens: false``, Table 1e idx 3)
 * any other system-level target (stress, rank-2): original-task structures only, over the same
   B (:func:`system_target_keep`)
-* L_F  = Σ_{uncorrupted loss atoms} ℓ(f̂, f') / N          (Eq. 1, Alg. 1 l.31 and l.36)
+* L_F  = Σ_{uncorrupted loss atoms} ℓ(f̂, f') / N          (Eq. 1, Alg. 1 l.31 and l.36);
+  with gradient forces (:func:`gradient_forces`) over the loss atoms of original-task structures
+  only (see below)
 * L_DeNS = Σ_{corrupted atoms} ℓ(ε̂, ε/σ) / N              (Eq. 4, Alg. 1 l.30)
 
 and the loss is λ_E·L_E + λ_F·L_F + λ_DeNS·L_DeNS. The shared denominators B and N (the
@@ -40,6 +42,16 @@ and the loss is λ_E·L_E + λ_F·L_F + λ_DeNS·L_DeNS. The shared denominators
 atoms count once in N whichever task they serve. Every term is a global mean over ranks computed
 with one all-reduce per step whatever was drawn, so ranks that draw differently never hang. Without
 a drawn structure (no corrupted atom) the loss equals fairchem's own ``OCPTrainer._compute_loss``.
+
+**Gradient (energy-conserving) forces** -- eSEN with ``esen_mlp_efs_head`` (``direct_forces:
+false``): forces and stress are −∂E/∂r and the virial at the *input* geometry. On a DeNS structure
+that geometry is the corrupted one, where the label's forces are not the gradient of anything the
+model should learn (the label belongs to the original geometry; Alg. 1 l.31 trains uncorrupted atoms
+only because a direct-force model predicts each atom's force from the corrupted neighbourhood as an
+input, the gradient does not). So a DeNS structure trains no atom-level target and no stress, only
+the noise (Eq. 4) and, unless ``energy_on_dens: false``, the original structure's energy (Eq. 6);
+its atoms still count in N. Everything else -- one forward/backward per mixed batch, the shared
+denominators, the all-reduce -- is as above.
 
 Each ``loss_functions`` entry's ``reduction`` is honoured as fairchem's ``DDPLoss`` does it:
 ``mean`` as above, ``sum`` drops the denominators (each rank's sum; DDP averages the gradients);
@@ -68,6 +80,7 @@ from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.datasets import DeNSDatasetMixin, find_dens_dataset
 from fairchem_dens.dens_only import dens_only_parameters, is_dens_only
 from fairchem_dens.inference import InferenceMixin, metadata_file
+from fairchem_dens.models.base import DeNSEncodingMixin
 from fairchem_dens.noise import INELIGIBLE, Status
 
 #: Evaluation used when the YAML gives none (fairchem's own S2EF metrics).
@@ -229,6 +242,53 @@ def system_target_keep(
     return ~is_dens
 
 
+def gradient_forces(model: Any) -> bool:
+    """Whether the model's forces are −∂E/∂r: fairchem's convention, a backbone that regresses
+    forces with ``direct_forces`` False (eSEN once ``esen_mlp_efs_head`` is attached). EquiformerV2
+    and eSCN have no such switch and give direct forces."""
+    backbone = getattr(model, "backbone", model)
+    return bool(getattr(backbone, "regress_forces", False)) and (
+        getattr(backbone, "direct_forces", True) is False
+    )
+
+
+def check_force_encoding_backbone(model: Any, model_config: dict[str, Any]) -> None:
+    """With ``optim.dens``, the backbone must be a force-encoding one (Eq. 5)."""
+    if isinstance(getattr(model, "backbone", None), DeNSEncodingMixin):
+        return
+    name = ((model_config or {}).get("backbone") or {}).get("model") or (model_config or {}).get(
+        "name"
+    )
+    raise DeNSConfigError(
+        f"model.backbone.model={name!r}: optim.dens needs a force-encoding backbone "
+        "(fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone, "
+        "fairchem_dens.models.escn.DeNSeSCNBackbone or fairchem_dens.models.esen.DeNSeSENBackbone; "
+        "use_force_encoding: false for the ablation without it)"
+    )
+
+
+def check_stress_cell(model: Any, outputs: dict[str, Any], dataset: Any, src: Any) -> None:
+    """Stress needs a cell: one line naming the key that asks for stress when the first training
+    structure has no cell of non-zero volume."""
+    backbone = getattr(model, "backbone", model)
+    if bool(getattr(backbone, "regress_stress", False)):
+        key = "model.backbone.regress_stress"
+    else:
+        names = [name for name in outputs if "stress" in name]
+        if not names:
+            return
+        key = f"outputs.{names[0]}"
+    if dataset is None or len(dataset) == 0:
+        return
+    cell = getattr(dataset[0], "cell", None)
+    volume = 0.0 if cell is None else abs(float(torch.linalg.det(cell.reshape(-1, 3, 3)[0])))
+    if volume < 1e-8:
+        found = "no cell" if cell is None else "a cell of zero volume"
+        raise DeNSConfigError(
+            f"{key}: stress needs a periodic cell, but the training data ({src}) has {found}"
+        )
+
+
 def follow_epochs(sampler: Any, dataset: DeNSDatasetMixin) -> None:
     """Make ``sampler.set_epoch_and_start_iteration`` also set the dataset's DeNS epoch.
 
@@ -295,8 +355,15 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
     def load_model(self) -> None:
         """Parent's model; with DeNS on, find the noise head whose output the loss reads."""
         super().load_model()
-        self._dens_parameters = dens_only_parameters(self._unwrapped_model)
+        model = self._unwrapped_model
+        self._dens_parameters = dens_only_parameters(model)
+        #: forces are −∂E/∂r (eSEN, direct_forces false): DeNS structures train no forces/stress
+        self.gradient_forces = gradient_forces(model)
+        train = getattr(self, "train_dataset", None)
+        src = ((self.config.get("dataset") or {}).get("train") or {}).get("src")
+        check_stress_cell(model, self.config.get("outputs") or {}, train, src)
         if self.dens is not None:
+            check_force_encoding_backbone(model, self.config["model"])
             self._noise_target = self._find_noise_target()
 
     def _find_noise_target(self) -> tuple[str, dict[str, Any]] | None:
@@ -486,7 +553,10 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
             spec = self.output_targets[target_name]
             pred, target = predictions[target_name], batch[target_name]
             if spec.get("level") == "atom":
-                keep = ~corrupted  # Alg. 1 l.31: forces of uncorrupted atoms only
+                if self.gradient_forces:  # −∂E/∂r at a corrupted geometry: not the label's
+                    keep = ~is_dens[batch.batch]
+                else:
+                    keep = ~corrupted  # Alg. 1 l.31: forces of uncorrupted atoms only
                 if spec.get("train_on_free_atoms", True):
                     keep = keep & free
                 denominator = num_atoms

@@ -8,7 +8,9 @@ state-dict keys stay untouched:
 * EquiformerV2 builds ``x = atom embedding + edge-degree embedding``: a forward hook adds x_f to
   the edge-degree embedding's output, so the sum becomes ``x + x_f``;
 * eSCN feeds the atom embedding ``x`` to its first layer: a forward pre-hook on that layer adds
-  x_f to its input.
+  x_f to its input;
+* eSEN builds ``x`` in its edge-degree embedding (a plain tensor there, not an ``SO3_Embedding``):
+  the same forward hook as EquiformerV2's adds x_f to that module's output.
 
 With ``activation_checkpoint: true`` gradients are unchanged (tests/test_fairchem_flows.py):
 EquiformerV2 checkpoints its blocks, which come after the hooked module, so a block's recomputation
@@ -31,8 +33,20 @@ from fairchem_dens.dens_only import separate_rng
 from fairchem_dens.force_encoding import ForceEncoding, SigmaEncoding
 
 
+def dens_lmax(backbone: Any) -> int:
+    """L_max of a backbone's node embeddings: ``lmax_list`` (EquiformerV2, eSCN; one resolution)
+    or ``lmax`` (eSEN)."""
+    lmax_list = getattr(backbone, "lmax_list", None)
+    if lmax_list is None:
+        return int(backbone.lmax)
+    if len(lmax_list) != 1:
+        raise ValueError(f"DeNS force encoding supports one resolution, got lmax_list={lmax_list}")
+    return int(lmax_list[0])
+
+
 class DeNSEncodingMixin:
-    """Mixin for a fairchem backbone whose initial embedding is an ``SO3_Embedding``.
+    """Mixin for a fairchem backbone whose initial node embedding has the (n_atoms, (L_max+1)², C)
+    spherical-harmonic layout (an ``SO3_Embedding`` or a plain tensor).
 
     A subclass names where the parent finishes its initial node embedding
     (:attr:`dens_hook_module`, a submodule path) and whether x_f goes to that module's output or
@@ -57,11 +71,7 @@ class DeNSEncodingMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        lmax_list = self.lmax_list
-        if len(lmax_list) != 1:
-            raise ValueError(
-                f"DeNS force encoding supports one resolution, got lmax_list={lmax_list}"
-            )
+        lmax = dens_lmax(self)
         for name, value in (
             ("use_force_encoding", use_force_encoding),
             ("use_sigma_encoding", use_sigma_encoding),
@@ -71,7 +81,7 @@ class DeNSEncodingMixin:
         self.use_force_encoding = use_force_encoding
         self.use_sigma_encoding = use_sigma_encoding
         modules = self.build_dens_modules(
-            lmax_list[0], self.sphere_channels, use_force_encoding, use_sigma_encoding
+            lmax, self.sphere_channels, use_force_encoding, use_sigma_encoding
         )
         self.force_encoding = modules["force_encoding"]
         self.sigma_encoding = modules["sigma_encoding"]
@@ -121,7 +131,7 @@ class DeNSEncodingMixin:
             sigma = self.sigma_encoding(data[keys.DENS_SIGMA][batch])  # (n_atoms, C)
             if embedding is None:
                 embedding = sigma.new_zeros(
-                    sigma.shape[0], (self.lmax_list[0] + 1) ** 2, sigma.shape[1]
+                    sigma.shape[0], (dens_lmax(self) + 1) ** 2, sigma.shape[1]
                 )
             embedding = torch.cat([embedding[:, :1] + sigma.unsqueeze(1), embedding[:, 1:]], 1)
         return embedding
@@ -139,8 +149,11 @@ class DeNSEncodingMixin:
             self._dens_embedding = None
 
     def _add_dens_embedding(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        if self._dens_embedding is not None:
-            output.embedding = output.embedding + self._dens_embedding.to(output.embedding.dtype)
+        if self._dens_embedding is None:
+            return output
+        if isinstance(output, torch.Tensor):  # eSEN: the embedding tensor itself
+            return output + self._dens_embedding.to(output.dtype)
+        output.embedding = output.embedding + self._dens_embedding.to(output.embedding.dtype)
         return output
 
     def _add_dens_embedding_to_input(self, module: nn.Module, inputs: tuple) -> None:
