@@ -97,6 +97,30 @@ ESCN = dict(
     basis_width_scalar=1.0,
     distance_resolution=0.1,
 )
+#: A small energy-conserving eSEN (fairchem eSEN_Backbone arguments) at the size of the eSCN
+#: above; forces = −∂E/∂r through ``esen_mlp_efs_head``.
+ESEN = dict(
+    use_pbc=True,
+    otf_graph=True,
+    max_neighbors=16,
+    cutoff=5.0,
+    max_num_elements=90,
+    num_layers=2,
+    lmax=2,
+    mmax=2,
+    sphere_channels=32,
+    hidden_channels=64,
+    edge_channels=32,
+    num_distance_basis=32,
+    distance_function="gaussian",
+    norm_type="rms_norm_sh",
+    act_type="gate",
+    mlp_type="grid",
+    use_envelope=True,
+    direct_forces=False,
+    regress_forces=True,
+)
+BACKBONES = {"eqv2": EQV2, "escn": ESCN, "esen": ESEN}
 
 
 def pin_code() -> dict[str, Any]:
@@ -219,11 +243,11 @@ def variant_config(
             (fairchem's own EquiformerV2/eSCN backbone, heads and trainer: the parent).
         data: the ``oc20`` folder of a generated dataset.
         dens: DeNS settings (default :data:`DENS`).
-        model: ``eqv2`` or ``escn``.
+        model: ``eqv2``, ``escn`` or ``esen`` (energy-conserving).
     """
     dens = dict(DENS if dens is None else dens)
     config = base_config(data)
-    backbone_args = copy.deepcopy(EQV2 if model == "eqv2" else ESCN)
+    backbone_args = copy.deepcopy(BACKBONES[model]) if model in BACKBONES else None
     if model == "eqv2":
         heads = {
             "energy": {"module": "equiformerV2_scalar_head"},
@@ -240,8 +264,18 @@ def variant_config(
         }
         ours = "fairchem_dens.models.escn.DeNSeSCNBackbone"
         stock = "escn_backbone"
+    elif model == "esen":
+        heads = {
+            "efs": {"module": "esen_mlp_efs_head"},
+            "dens_noise": {"module": "fairchem_dens.heads.eSENNoiseHead"},
+        }
+        ours = "fairchem_dens.models.esen.DeNSeSENBackbone"
+        stock = "esen_backbone"
+        # gradient forces: forces in units of the energy's std, F/σ_E = −∂(E/σ_E)/∂r
+        normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
+        normalizer["forces"] = {"mean": 0.0, "rmsd": normalizer["energy"]["rmsd"]}
     else:
-        raise ValueError(f"model={model!r}: must be eqv2 or escn")
+        raise ValueError(f"model={model!r}: must be one of {list(BACKBONES)}")
 
     if variant in ("plain", "dens", "dens_nofe"):
         config["trainer"] = "fairchem_dens.trainer.DeNSTrainer"
@@ -253,7 +287,8 @@ def variant_config(
         else:
             config["optim"]["dens"] = {**dens, "candidates": "free"}
     elif variant == "stock":
-        config["trainer"] = "equiformerv2_forces"
+        # fairchem's own trainer of the family (eSEN's: mlip_trainer)
+        config["trainer"] = "mlip_trainer" if model == "esen" else "equiformerv2_forces"
         config["dataset"]["train"]["format"] = "lmdb"
         backbone = {"model": stock, **backbone_args}
         heads.pop("dens_noise")

@@ -39,7 +39,13 @@ Our corruption runs in the dataset's ``__getitem__`` (DataLoader workers), so it
 its cost per structure is timed separately and reported as a share of a step.
 
 Resumable: each unit's result is kept in ``runs/bench/overhead/units/`` and skipped on a rerun
-(``--fresh`` starts over). Writes ``benchmarks/results/overhead.{json,md}`` and ``overhead.png``.
+(``--fresh`` starts over). Writes ``benchmarks/results/overhead.{json,md}`` and ``overhead.png``
+(``--output`` names another stem).
+
+eSEN with gradient forces (issue 15; ``--units esen:2 --output overhead_esen``): no built-in
+arms; one more arm per setting, ``head@p,r``, times the noise head alone (forward and backward
+on the final node embeddings of the same batch, computed outside the timer) for the target
+DeNS step / plain step ≤ 1 + (share of the noise head) + 0.02.
 """
 
 from __future__ import annotations
@@ -147,13 +153,32 @@ def batches(trainer: Any, rounds: int, rng: np.random.Generator) -> list[dict[st
     return out
 
 
-def arms_of(builtin: bool) -> list[str]:
+def arms_of(builtin: bool, head: bool = False) -> list[str]:
     arms = ["stock", "ours_plain"]
     for p, r in SETTINGS:
         arms += [setting_arm("after", p, r), setting_arm("before", p, r)]
+        if head:
+            arms.append(setting_arm("head", p, r))
     if builtin:
         arms += ["builtin_plain", "builtin_dens"]
     return arms
+
+
+def head_step(trainer: Any, batch: Any) -> tuple[float, float]:
+    """The noise head alone (forward and backward, corrupted atoms only) on the final node
+    embeddings of ``batch``, which are computed outside the timer; (wall, CPU) seconds. Its share
+    of a step is the budget of issue 15's target (DeNS step / plain step ≤ 1 + share + 0.02)."""
+    from fairchem_dens import keys
+
+    model = trainer._unwrapped_model
+    head = model.output_heads["dens_noise"]
+    head.only_corrupted = True
+    model.train()
+    embedding = model.backbone(batch)["node_embedding"].detach().requires_grad_()
+    wall, cpu = time.perf_counter(), time.process_time()
+    noise = head(batch, {"node_embedding": embedding})[keys.NOISE_OUTPUT]
+    noise.square().sum().backward()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run_arm(trainers: dict[str, Any], arm: str, items: dict[str, list]) -> tuple[float, float]:
@@ -161,6 +186,9 @@ def run_arm(trainers: dict[str, Any], arm: str, items: dict[str, list]) -> tuple
     if arm in ("stock", "ours_plain", "builtin_plain", "builtin_dens"):
         trainer = trainers[arm.split("_")[0]]
         structures = items["plain"]
+    elif arm.startswith("head@"):
+        trainer = trainers["ours"]
+        return head_step(trainer, trainer.collater([i.clone() for i in items[arm.split("@")[1]]]))
     else:
         kind, setting = arm.split("@")
         trainer = trainers["ours"]
@@ -316,6 +344,8 @@ def summarise(times: dict[str, list[float]], builtin: bool) -> dict[str, Any]:
             "after_vs_before": paired(after, before),
             "after_vs_ours_plain": paired(after, times["ours_plain"]),
         }
+        if setting_arm("head", p, r) in times:  # the noise head's share of a stock step
+            row["head_vs_stock"] = paired(times[setting_arm("head", p, r)], times["stock"])
         if builtin:
             expected = p * np.array(times["builtin_dens"]) + (1 - p) * np.array(
                 times["builtin_plain"]
@@ -349,7 +379,7 @@ def corrupted_fractions(draws: list[dict]) -> dict[str, dict[str, float]]:
 def measure(model: str, layers: int, rounds: int, warmup: int, seed: int) -> dict[str, Any]:
     """The timed rounds of one unit."""
     builtin = model == "eqv2"
-    arms = arms_of(builtin)
+    arms = arms_of(builtin, head=model == "esen")
     load_before = common.load_average()
     began = time.perf_counter()
     with common.process_group():
@@ -459,7 +489,7 @@ def _q(stats: dict[str, Any]) -> str:
     return f"{s['median']:.3f} ({s['ci90_low']:.2f}–{s['ci90_high']:.2f})"
 
 
-NAMES = {"eqv2": "EquiformerV2", "escn": "eSCN"}
+NAMES = {"eqv2": "EquiformerV2", "escn": "eSCN", "esen": "eSEN (gradient forces)"}
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -543,6 +573,23 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 )
             lines.append(line)
         lines.append("")
+        shares = {k: v for k, v in cpu["settings"].items() if "head_vs_stock" in v}
+        if shares:  # issue 15: DeNS step / plain step ≤ 1 + (share of the noise head) + 0.02
+            parts = []
+            for setting, row in shares.items():
+                share = row["head_vs_stock"]["paired"]["median"]
+                ratio = row["after_vs_stock"]["paired"]["median"]
+                verdict = "met" if ratio <= 1 + share + 0.02 else "not met"
+                parts.append(
+                    f"{setting}: head {share:.3f}, after / stock {ratio:.3f} vs bound "
+                    f"{1 + share + 0.02:.3f} ({verdict})"
+                )
+            lines += [
+                "Noise head alone (forward + backward on the corrupted atoms' final embeddings, "
+                "timed in the same rounds) / stock step, and the bound 1 + share + 0.02 at the "
+                "median: " + "; ".join(parts) + ".",
+                "",
+            ]
         if mem:
             parts = [
                 f"{arm} {mem['arms'][arm]['saved_activations_mib']:.0f} / "
@@ -656,6 +703,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="ignore kept unit results")
     parser.add_argument(
+        "--output", default="overhead", help="stem of the files written in benchmarks/results/"
+    )
+    parser.add_argument(
         "--units", nargs="*", default=["eqv2:2", "escn:2", "eqv2:4"], help="model:layers to run"
     )
     args = parser.parse_args()
@@ -719,10 +769,11 @@ def main() -> None:
             model: extrapolate(results, model, "wall") for model in ("eqv2", "escn")
         },
     }
-    common.write_json(common.RESULTS / "overhead.json", {"meta": meta, "results": results})
-    (common.RESULTS / "overhead.md").write_text(markdown(results, meta))
-    plot(results, common.RESULTS / "overhead.png")
-    print((common.RESULTS / "overhead.md").read_text())
+    stem = common.RESULTS / args.output
+    common.write_json(stem.with_suffix(".json"), {"meta": meta, "results": results})
+    stem.with_suffix(".md").write_text(markdown(results, meta))
+    plot(results, stem.with_suffix(".png"))
+    print(stem.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

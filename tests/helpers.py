@@ -226,3 +226,33 @@ def run_cli(*args: str, cwd: Path) -> str:
     assert result.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
     return output
+
+
+#: A tiny eSEN backbone (arguments of fairchem's eSEN_Backbone); ``direct_forces`` is set by the
+#: heads: ``esen_mlp_efs_head`` makes it False (forces = -dE/dr, stress with regress_stress).
+TINY_ESEN = dict(
+    use_pbc=True,
+    otf_graph=True,
+    max_neighbors=12,
+    cutoff=5.0,
+    num_layers=1,
+    lmax=2,
+    mmax=2,
+    sphere_channels=8,
+    hidden_channels=8,
+    edge_channels=8,
+    num_distance_basis=16,
+    grid_resolution=16,
+    norm_type="rms_norm_sh",
+    act_type="gate",
+    mlp_type="grid",
+    use_envelope=True,
+)
+#: energy-conserving eSEN: energy, forces = -dE/dr (and stress with ``regress_stress``)
+ESEN_EFS_HEADS = {"efs": {"module": "esen_mlp_efs_head"}}
+#: direct-force eSEN
+ESEN_DIRECT_HEADS = {
+    "energy": {"module": "esen_mlp_energy_head"},
+    "forces": {"module": "esen_linear_force_head"},
+}
+ESEN_NOISE_HEAD = {"dens_noise": {"module": "fairchem_dens.heads.eSENNoiseHead"}}

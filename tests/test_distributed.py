@@ -350,3 +350,65 @@ def test_no_hang_when_one_rank_draws_all_dens_and_the_other_none(runs):
     initial = torch.load(next(runs["skewed"].glob("initial_rank0_pid*.pt")))
     noise_head = [name for name in final[0] if "dens_noise" in name]
     assert any(not torch.equal(final[0][name], initial[name]) for name in noise_head)
+
+
+# ---- energy-conserving eSEN on two ranks ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def esen_run(emt_data, tmp_path_factory) -> Path:
+    """Gradient-force eSEN + DeNS on 2 ranks, rank 0 drawing DeNS for every structure and rank 1
+    for none: the rank whose structures train no forces must stay in step with the other."""
+    from test_trainer_esen import esen_config
+
+    run = tmp_path_factory.mktemp("distributed_esen") / "skewed"
+    config = esen_config(emt_data, prob=0.5)
+    recording = recording_config(emt_data, dataset="SkewedDeNSLmdbDataset", prob=0.5)
+    config = {**recording, "model": config["model"]}
+    config["dataset"]["train"]["transforms"] = esen_config(emt_data)["dataset"]["train"][
+        "transforms"
+    ]
+    launch(config, run, "--local", "--num-ranks", "2")
+    return run
+
+
+@pytest.mark.slow
+def test_esen_gradient_forces_two_ranks_stay_in_step_with_one_collective(esen_run):
+    ranks = [load_records(esen_run, rank) for rank in (0, 1)]
+    assert [len(records) for records in ranks] == [4, 4]
+    assert all((r["status"] == Status.DENS).all() for r in ranks[0])
+    assert all((r["status"] == Status.ORIGINAL).all() for r in ranks[1])
+    assert all(r["collectives"] == {"all_reduce": 1} for records in ranks for r in records)
+    final = [torch.load(esen_run / f"final_rank{rank}.pt") for rank in (0, 1)]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+
+
+@pytest.mark.slow
+def test_esen_loss_is_the_global_mean_over_both_ranks(esen_run, emt_data, tmp_path):
+    """2 ranks = 1 process on both ranks' batches and outputs: with gradient forces too, each
+    term is a global mean (rank 0's DeNS structures train no forces, rank 1's no noise)."""
+    from test_trainer_esen import esen_config
+
+    first = [load_records(esen_run, rank)[0] for rank in (0, 1)]
+    joint = Batch.from_data_list(
+        first[0]["batch"].to_data_list() + first[1]["batch"].to_data_list()
+    )
+    # rank 1 corrupted nothing, so it declared no noise output: its rows are never read
+    noise = [
+        r["out"].get(keys.NOISE_OUTPUT, torch.zeros(r["batch"].pos.shape[0], 3)) for r in first
+    ]
+    out = {name: torch.cat([r["out"][name] for r in first]) for name in ("energy", "forces")}
+    out[keys.NOISE_OUTPUT] = torch.cat(noise)
+    assert keys.NOISE_OUTPUT in first[0]["out"] and keys.NOISE_OUTPUT not in first[1]["out"]
+    config = esen_config(emt_data, prob=0.5)
+    with trainer_from_config(config, tmp_path) as trainer:
+        assert trainer.gradient_forces
+        trainer.step = 1
+        loss = trainer._compute_loss(out, joint).item()
+        log = dict(trainer._dens_log)
+    assert 0 < log["dens_structure_fraction"] < 1
+    assert sum(record["loss"] for record in first) / 2 == pytest.approx(loss, rel=1e-6)
+    for term in ("loss_energy", "loss_forces", "loss_dens"):
+        per_rank = [record["log"][term] for record in first]
+        assert sum(per_rank) / 2 == pytest.approx(log[term], rel=1e-6, abs=1e-8), term
+    assert first[0]["log"]["loss_forces"] == 0.0  # all-DeNS rank: no force term

@@ -21,7 +21,6 @@ See ``docs/data.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,10 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 
 from .options import SPLITS, check_writable, parse_metals, split_counts
-from .stats import composition_matrix, energy_force_stats, fit_element_references
+from .stats import (
+    composition_matrix,
+    energy_force_normalizer,
+    energy_force_stats,
+    fit_element_references,
+    write_stats_files,
+)
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -236,15 +240,11 @@ def _write_stats(
         },
         "units": {"energy": "eV", "force": "eV/Angstrom", "stress": "eV/Angstrom^3"},
     }
-    normalizer: dict[str, Any] = {
-        "energy": {"mean": norm["energy_mean"], "rmsd": norm["energy_std"]},
-        "forces": {"mean": 0.0, "rmsd": norm["force_std"]},
-    }
+    normalizer: dict[str, Any] = energy_force_normalizer(stats)
     for name, values in parts.items():
         mean, rmsd = rmsd_stats(values)
         normalizer[name] = {"mean": mean, "rmsd": rmsd}
         stats[f"{name}_mean"], stats[f"{name}_rmsd"] = mean, rmsd
-    (vdir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     transforms = {
         "normalizer": normalizer,
         "element_references": {
@@ -257,8 +257,7 @@ def _write_stats(
         "# energy: referenced (total minus element references), eV; forces eV/A; stress parts "
         "eV/A^3 (fairchem's decompose_tensor).\n"
     )
-    body = yaml.safe_dump({"dataset": {"train": {"transforms": transforms}}}, sort_keys=False)
-    (vdir / "normalizers.yml").write_text(header + body)
+    write_stats_files(vdir, stats, transforms, header)
     return stats
 
 

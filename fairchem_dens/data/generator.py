@@ -5,7 +5,6 @@ See ``docs/data.md`` for the layout and fields. Entry point: :func:`generate`.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch_geometric.data import Data
 
 from . import options
@@ -35,7 +33,13 @@ from .options import (
     parse_metals,
     split_counts,
 )
-from .stats import composition_matrix, energy_force_stats, fit_element_references
+from .stats import (
+    composition_matrix,
+    energy_force_normalizer,
+    fit_element_references,
+    normalizer_fields,
+    write_stats_files,
+)
 from .systems import Trajectory, relax_system_star
 
 
@@ -194,7 +198,6 @@ def _write_stats(
     forces = np.concatenate(
         [trajs[s].forces[f].astype(np.float32).reshape(-1, 3) for s, f in train_frames.items()]
     )
-    raw = energy_force_stats(energies, forces)
     stats: dict[str, Any] = {"variant": variant, "split": "train", **extra}
     stats["num_frames"] = int(energies.size)
     stats["num_atoms"] = int(forces.shape[0])
@@ -221,29 +224,9 @@ def _write_stats(
     else:
         stats["element_references"] = None
         stats["energy_target"] = "total energy"
-    norm = energy_force_stats(normalizer_energy, forces)
-    stats.update(
-        {
-            "energy_mean": norm["energy_mean"],
-            "energy_std": norm["energy_std"],
-            "energy_std_ddof": 1,
-            "force_mean": 0.0,
-            "force_std": norm["force_std"],
-            "force_std_definition": "sqrt(sum_i |F_i|^2 / N_atoms) over all train atoms "
-            "(fairchem fit_normalizers convention with forces mean 0)",
-            "force_rms_component": norm["force_rms_component"],
-            "total_energy_mean": raw["energy_mean"],
-            "total_energy_std": raw["energy_std"],
-            "units": {"energy": "eV", "force": "eV/Angstrom"},
-        }
-    )
-    (vdir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    transforms: dict[str, Any] = {
-        "normalizer": {
-            "energy": {"mean": stats["energy_mean"], "rmsd": stats["energy_std"]},
-            "forces": {"mean": 0.0, "rmsd": stats["force_std"]},
-        }
-    }
+    stats.update(normalizer_fields(normalizer_energy, forces, energies))
+    stats["units"] = {"energy": "eV", "force": "eV/Angstrom"}
+    transforms: dict[str, Any] = {"normalizer": energy_force_normalizer(stats)}
     if elem_cfg is not None:
         transforms["element_references"] = elem_cfg
     header = (
@@ -251,8 +234,7 @@ def _write_stats(
         "(include from a fairchem 1.10 config).\n"
         "# fairchem's create_normalizer takes mean/rmsd ('stdev' is its deprecated alias).\n"
     )
-    body = yaml.safe_dump({"dataset": {"train": {"transforms": transforms}}}, sort_keys=False)
-    (vdir / "normalizers.yml").write_text(header + body)
+    write_stats_files(vdir, stats, transforms, header)
     return stats
 
 

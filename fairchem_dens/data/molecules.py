@@ -48,7 +48,6 @@ loaded yet or tblite already is; otherwise in a spawned worker (see :func:`_run_
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -407,11 +406,8 @@ def _entries(traj: MDTrajectory, frames: np.ndarray, side: float, pos: np.ndarra
 
 def _write_stats(mdir: Path, traj: MDTrajectory, train: np.ndarray, extra: dict) -> dict:
     """Write ``stats.json`` and ``normalizers.yml`` of the train split (as the EMT generator)."""
-    import yaml
+    from .stats import energy_force_normalizer, normalizer_fields, write_stats_files
 
-    from .stats import energy_force_stats
-
-    norm = energy_force_stats(traj.energies[train], traj.forces[train].reshape(-1, 3))
     stats: dict[str, Any] = {"molecule": traj.name, "split": "train", **extra}
     stats.update(
         {
@@ -419,33 +415,16 @@ def _write_stats(mdir: Path, traj: MDTrajectory, train: np.ndarray, extra: dict)
             "num_atoms": int(train.size * len(traj.atomic_numbers)),
             "element_references": None,
             "energy_target": "total energy",
-            "energy_mean": norm["energy_mean"],
-            "energy_std": norm["energy_std"],
-            "energy_std_ddof": 1,
-            "force_mean": 0.0,
-            "force_std": norm["force_std"],
-            "force_std_definition": "sqrt(sum_i |F_i|^2 / N_atoms) over all train atoms "
-            "(fairchem fit_normalizers convention with forces mean 0)",
-            "force_rms_component": norm["force_rms_component"],
-            "total_energy_mean": norm["energy_mean"],
-            "total_energy_std": norm["energy_std"],
+            **normalizer_fields(traj.energies[train], traj.forces[train].reshape(-1, 3)),
             "units": {"energy": "eV", "force": "eV/Angstrom"},
         }
     )
-    (mdir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    transforms = {
-        "normalizer": {
-            "energy": {"mean": stats["energy_mean"], "rmsd": stats["energy_std"]},
-            "forces": {"mean": 0.0, "rmsd": stats["force_std"]},
-        }
-    }
     header = (
         f"# {traj.name} train-split normalizers written by fairchem_dens.data molecules "
         "(include from a fairchem 1.10 config).\n"
         "# fairchem's create_normalizer takes mean/rmsd ('stdev' is its deprecated alias).\n"
     )
-    body = yaml.safe_dump({"dataset": {"train": {"transforms": transforms}}}, sort_keys=False)
-    (mdir / "normalizers.yml").write_text(header + body)
+    write_stats_files(mdir, stats, {"normalizer": energy_force_normalizer(stats)}, header)
     return stats
 
 

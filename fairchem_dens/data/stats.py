@@ -16,6 +16,10 @@ in the data, stored as a length-119 vector indexed by atomic number (eV/atom).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 #: Length of the element-reference vector (atomic numbers 0..118), as fairchem's fit produces.
@@ -69,3 +73,49 @@ def fit_element_references(counts: np.ndarray, energies: np.ndarray) -> np.ndarr
     coeff = np.zeros(NUM_ELEMENT_SLOTS, dtype=np.float64)
     coeff[mask] = solution
     return coeff
+
+
+def normalizer_fields(
+    energies: np.ndarray, forces: np.ndarray, total_energies: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The ``stats.json`` fields of the energy and forces normalizers of a train split.
+
+    Args:
+        energies: (F,) the energy target per frame (total, or referenced), eV.
+        forces: (N_atoms_total, 3) forces of all train atoms, eV/Å.
+        total_energies: (F,) total energies when ``energies`` are referenced; None: the same.
+    """
+    norm = energy_force_stats(energies, forces)
+    total = norm if total_energies is None else energy_force_stats(total_energies, forces)
+    return {
+        "energy_mean": norm["energy_mean"],
+        "energy_std": norm["energy_std"],
+        "energy_std_ddof": 1,
+        "force_mean": 0.0,
+        "force_std": norm["force_std"],
+        "force_std_definition": "sqrt(sum_i |F_i|^2 / N_atoms) over all train atoms "
+        "(fairchem fit_normalizers convention with forces mean 0)",
+        "force_rms_component": norm["force_rms_component"],
+        "total_energy_mean": total["energy_mean"],
+        "total_energy_std": total["energy_std"],
+    }
+
+
+def energy_force_normalizer(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """fairchem's ``transforms.normalizer`` entries of energy and forces from ``stats``."""
+    return {
+        "energy": {"mean": stats["energy_mean"], "rmsd": stats["energy_std"]},
+        "forces": {"mean": 0.0, "rmsd": stats["force_std"]},
+    }
+
+
+def write_stats_files(
+    folder: Path, stats: dict[str, Any], transforms: dict[str, Any], header: str
+) -> None:
+    """Write ``folder/stats.json`` and ``folder/normalizers.yml`` (fairchem's
+    ``dataset.train.transforms``, to include from a config, after the comment ``header``)."""
+    import yaml
+
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    body = yaml.safe_dump({"dataset": {"train": {"transforms": transforms}}}, sort_keys=False)
+    (folder / "normalizers.yml").write_text(header + body)
