@@ -363,7 +363,6 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         src = ((self.config.get("dataset") or {}).get("train") or {}).get("src")
         check_stress_cell(model, self.config.get("outputs") or {}, train, src)
         if self.dens is not None:
-            check_force_encoding_backbone(model, self.config["model"])
             self._noise_target = self._find_noise_target()
 
     def _find_noise_target(self) -> tuple[str, dict[str, Any]] | None:
@@ -476,8 +475,11 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         logging.info(f"DeNS on: {self.dens}; encoded forces = (f - {mean:g}) / {std:g}")
 
     def train(self, disable_eval_tqdm: bool = False) -> None:
-        """Enable the corruption (normalisers are final now, after any checkpoint load), then
-        run fairchem's training loop."""
+        """Check the model can train DeNS (force-encoding backbone, noise head), enable the
+        corruption (normalisers are final now, after any checkpoint load), then run fairchem's
+        training loop."""
+        if self._dens_dataset is not None:  # a plain model may still validate and predict
+            check_force_encoding_backbone(self._unwrapped_model, self.config["model"])
         if self._dens_dataset is not None and self._noise_target is None:
             raise DeNSConfigError(
                 "model.heads: optim.dens needs a DeNS noise head, found none; add e.g. "

@@ -11,9 +11,12 @@ from helpers import (
     EQV2_HEADS,
     ESCN_HEADS,
     ESCN_NOISE_HEAD,
+    ESEN_EFS_HEADS,
+    ESEN_NOISE_HEAD,
     NOISE_HEAD,
     TINY_EQV2,
     TINY_ESCN,
+    TINY_ESEN,
     assert_equivariant,
     hydra,
     random_batch,
@@ -21,7 +24,7 @@ from helpers import (
 )
 
 from fairchem_dens import keys
-from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead
+from fairchem_dens.heads import EqV2NoiseHead, eSCNNoiseHead, eSENNoiseHead
 
 EQV2 = (
     "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone",
@@ -30,6 +33,9 @@ EQV2 = (
     NOISE_HEAD,
 )
 ESCN = ("fairchem_dens.models.escn.DeNSeSCNBackbone", TINY_ESCN, ESCN_HEADS, ESCN_NOISE_HEAD)
+ESEN = ("fairchem_dens.models.esen.DeNSeSENBackbone", TINY_ESEN, ESEN_EFS_HEADS, ESEN_NOISE_HEAD)
+#: the module of each noise head (by backbone) that does the work the reduced head skips
+BLOCK = {EQV2[0]: "force_block", ESCN[0]: "force_block", ESEN[0]: "atom_wise"}
 
 
 def build(kind: tuple, **backbone_args) -> torch.nn.Module:
@@ -48,6 +54,9 @@ def head_and_embedding_float64(model, batch):
     with torch.no_grad():
         emb = model.backbone(batch)
     head = model.output_heads["dens_noise"].double()
+    if isinstance(emb["node_embedding"], torch.Tensor):  # eSEN: a plain (n, (L+1)², C) tensor
+        emb["node_embedding"] = emb["node_embedding"].detach().double().requires_grad_()
+        return head, emb
     if "sphere_values" in emb:
         emb["sphere_values"] = emb["sphere_values"].double().requires_grad_()
         emb["sphere_points"] = emb["sphere_points"].detach().double()
@@ -68,6 +77,8 @@ def inputs_of(emb: dict) -> list[torch.Tensor]:
     """What the head reads from the backbone: node (or sphere-point) values, edge embeddings."""
     if "sphere_values" in emb:
         return [emb["sphere_values"]]
+    if isinstance(emb["node_embedding"], torch.Tensor):
+        return [emb["node_embedding"]]
     return [emb["node_embedding"].embedding, emb["graph"].edge_distance]
 
 
@@ -86,8 +97,9 @@ def run_head(head, batch, emb, only_corrupted: bool):
 
 @pytest.mark.parametrize(
     ("kind", "checkpointing"),
-    [(EQV2, False), (EQV2, True), (ESCN, False)],  # eSCN's heads have no activation checkpointing
-    ids=["equiformer_v2", "equiformer_v2_activation_checkpoint", "escn"],
+    # eSCN's and eSEN's heads have no activation checkpointing
+    [(EQV2, False), (EQV2, True), (ESCN, False), (ESEN, False)],
+    ids=["equiformer_v2", "equiformer_v2_activation_checkpoint", "escn", "esen"],
 )
 def test_reduced_head_equals_full_head_on_corrupted_atoms(kind, checkpointing):
     extra = {"activation_checkpoint": True} if checkpointing else {}
@@ -121,12 +133,12 @@ def test_eqv2_head_leaves_the_backbone_rotations_and_state_dict_keys_as_fairchem
     assert head.state_dict().keys() == EqV2VectorHead(model.backbone).state_dict().keys()
 
 
-@pytest.mark.parametrize("kind", [EQV2, ESCN], ids=["equiformer_v2", "escn"])
+@pytest.mark.parametrize("kind", [EQV2, ESCN, ESEN], ids=["equiformer_v2", "escn", "esen"])
 def test_no_corrupted_atom_skips_the_block_but_every_parameter_gets_a_zero_gradient(kind):
     model = build(kind).train()
     head = model.output_heads["dens_noise"]
     calls = []
-    head.force_block.register_forward_hook(lambda *args: calls.append(1))
+    getattr(head, BLOCK[kind[0]]).register_forward_hook(lambda *args: calls.append(1))
     batch = dens_batch(fraction=0.0)
     assert not batch[keys.DENS_MASK].any()
     out = model(batch)
@@ -143,26 +155,46 @@ def test_no_corrupted_atom_skips_the_block_but_every_parameter_gets_a_zero_gradi
     assert calls == [1]
 
 
-@pytest.mark.parametrize("kind", [EQV2, ESCN], ids=["equiformer_v2", "escn"])
+@pytest.mark.parametrize("kind", [EQV2, ESCN, ESEN], ids=["equiformer_v2", "escn", "esen"])
 @pytest.mark.parametrize("only_corrupted", [True, False])
 def test_no_output_and_no_work_without_dens_fields(kind, only_corrupted):
     model = build(kind)
     head = model.output_heads["dens_noise"]
     head.only_corrupted = only_corrupted
     calls = []
-    head.force_block.register_forward_hook(lambda *args: calls.append(1))
+    getattr(head, BLOCK[kind[0]]).register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         out = model(random_batch())
     assert keys.NOISE_OUTPUT not in out and "forces" in out
     assert calls == []
 
 
-def test_reduced_eqv2_head_is_equivariant():
+@pytest.mark.parametrize("kind", [EQV2, ESEN], ids=["equiformer_v2", "esen"])
+def test_reduced_head_is_equivariant(kind: tuple) -> None:
     batch = dens_batch(fraction=0.5)
-    assert_equivariant(build(EQV2), batch, vectors=("forces", keys.NOISE_OUTPUT), tol=1e-4)
+    assert_equivariant(build(kind), batch, vectors=("forces", keys.NOISE_OUTPUT), tol=1e-4)
 
 
-@pytest.mark.parametrize("head", [EqV2NoiseHead, eSCNNoiseHead])
+def test_esen_head_state_dict_is_the_same_for_both_switch_values() -> None:
+    """``only_corrupted`` changes what is computed, never the weights: the same state-dict names
+    (and shapes) either way, so a checkpoint loads whichever way the head runs."""
+    reduced = build(ESEN).output_heads["dens_noise"].state_dict()
+    torch.manual_seed(0)
+    full = hydra(
+        {"model": ESEN[0], **TINY_ESEN},
+        {
+            **ESEN_EFS_HEADS,
+            "dens_noise": {**ESEN_NOISE_HEAD["dens_noise"], "only_corrupted": False},
+        },
+    ).output_heads["dens_noise"]
+    assert full.only_corrupted is False
+    assert list(full.state_dict()) == list(reduced)
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, reduced[name]), name  # one random stream: the same weights
+
+
+@pytest.mark.parametrize("head", [EqV2NoiseHead, eSCNNoiseHead, eSENNoiseHead])
 def test_bad_only_corrupted_value_is_a_one_line_error(head):
-    with pytest.raises(ValueError, match=r"only_corrupted='no': must be true or false"):
+    with pytest.raises(ValueError, match=r"only_corrupted='no': must be true or false") as error:
         head(None, only_corrupted="no")
+    assert "\n" not in str(error.value)
