@@ -359,10 +359,10 @@ class DeNSTrainer(InferenceMixin, EquiformerV2ForcesTrainer):
         self._dens_parameters = dens_only_parameters(model)
         #: forces are −∂E/∂r (eSEN, direct_forces false): DeNS structures train no forces/stress
         self.gradient_forces = gradient_forces(model)
-        train = getattr(self, "train_dataset", None)
-        src = ((self.config.get("dataset") or {}).get("train") or {}).get("src")
-        check_stress_cell(model, self.config.get("outputs") or {}, train, src)
         if self.dens is not None:
+            train = getattr(self, "train_dataset", None)
+            src = ((self.config.get("dataset") or {}).get("train") or {}).get("src")
+            check_stress_cell(model, self.config.get("outputs") or {}, train, src)
             self._noise_target = self._find_noise_target()
 
     def _find_noise_target(self) -> tuple[str, dict[str, Any]] | None:
