@@ -17,6 +17,7 @@ corrupted atom skips the block entirely.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +61,31 @@ def _check_switch(only_corrupted: Any) -> None:
 def _corrupted(data: Any) -> torch.Tensor:
     """(n_atoms,) bool m_i of the batch (Alg. 1 l.19)."""
     return data[keys.DENS_MASK].view(-1).bool()
+
+
+def _per_atom_noise(
+    head: nn.Module,
+    data: Any,
+    rows: torch.Tensor,
+    block: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Run a per-atom ``block`` ((k, ...) rows of k atoms -> (k, 3)) on the corrupted atoms'
+    rows only (``head.only_corrupted``) or on all of them: (n_atoms, 3), zeros on the rows of
+    atoms it skipped (and no work at all without a corrupted atom).
+
+    Args:
+        head: the noise head (its ``only_corrupted`` switch; parameters for the skip path).
+        data: the batch (its ``keys.DENS_MASK``).
+        rows: (n_atoms, ...) per-atom inputs of the block.
+        block: the head's per-atom computation.
+    """
+    if not head.only_corrupted:
+        return block(rows)
+    atoms = _corrupted(data).nonzero().view(-1)  # one host synchronisation
+    if atoms.numel() == 0:
+        return _skipped(head, rows.shape[0], rows)
+    noise = block(rows.index_select(0, atoms))
+    return noise.new_zeros(rows.shape[0], 3).index_copy(0, atoms, noise)
 
 
 class _EdgeSubsetRotation(SO3_Rotation):
@@ -175,18 +201,16 @@ class eSCNNoiseHead(DeNSOnly, eSCNForceHead):
         elsewhere with ``only_corrupted``); {} without DeNS fields."""
         if keys.DENS_MASK not in data:
             return {}
-        if not self.only_corrupted:
-            return {self.output_name: super().forward(data, emb)["forces"]}
         values = emb["sphere_values"]  # (n_atoms · S, C): S sphere samples per atom
         samples = self.force_block.num_sphere_samples
-        num_atoms = values.shape[0] // samples
-        atoms = _corrupted(data).nonzero().view(-1)  # one host synchronisation
-        if atoms.numel() == 0:
-            return {self.output_name: _skipped(self, num_atoms, values)}
-        selected = values.view(num_atoms, samples, -1).index_select(0, atoms)
-        noise = super().forward(data, {**emb, "sphere_values": selected.view(-1, values.shape[1])})
-        out = values.new_zeros(num_atoms, 3).index_copy(0, atoms, noise["forces"])
-        return {self.output_name: out}
+        parent = super().forward
+
+        def block(selected: torch.Tensor) -> torch.Tensor:  # (k, S, C) -> (k, 3)
+            flat = selected.reshape(-1, values.shape[1])
+            return parent(data, {**emb, "sphere_values": flat})["forces"]
+
+        rows = values.view(values.shape[0] // samples, samples, -1)
+        return {self.output_name: _per_atom_noise(self, data, rows, block)}
 
 
 #: eSEN's atom-wise feed-forward blocks by the backbone's ``mlp_type``.
@@ -236,16 +260,10 @@ class eSENNoiseHead(DeNSOnly, Linear_Force_Head):
         elsewhere with ``only_corrupted``); {} without DeNS fields."""
         if keys.DENS_MASK not in data:
             return {}
-        x = emb["node_embedding"]  # (n_atoms, (L_max+1)², C)
-        num_atoms = x.shape[0]
-        atoms = None
-        if self.only_corrupted:
-            atoms = _corrupted(data).nonzero().view(-1)  # one host synchronisation
-            if atoms.numel() == 0:
-                return {self.output_name: _skipped(self, num_atoms, x)}
-            x = x.index_select(0, atoms)
-        x = x + self.atom_wise(self.norm(x))
-        noise = super().forward(data, {"node_embedding": x})["forces"]  # (rows, 3)
-        if atoms is not None:
-            noise = noise.new_zeros(num_atoms, 3).index_copy(0, atoms, noise)
-        return {self.output_name: noise}
+        parent = super().forward
+
+        def block(x: torch.Tensor) -> torch.Tensor:  # (k, (L_max+1)², C) -> (k, 3)
+            x = x + self.atom_wise(self.norm(x))
+            return parent(data, {"node_embedding": x})["forces"]
+
+        return {self.output_name: _per_atom_noise(self, data, emb["node_embedding"], block)}
