@@ -239,8 +239,9 @@ def test_thermostat_holds_the_temperature() -> None:
     """Langevin holds the target kinetic temperature (ASE's fixcm=True ran ethanol ~30 % hot).
 
     Equipartition: a 9-atom molecule's kinetic temperature fluctuates by sqrt(2 / 27) = 27 % per
-    frame. 300 frames 5 fs apart hold >= ~60 independent samples (velocities decorrelate within
-    ~25 fs), so the mean has a relative error <= ~3.5 %; the 12 % bound is > 3 sigma.
+    frame. 150 frames 5 fs apart hold >= ~30 independent samples (velocities decorrelate within
+    ~25 fs), so the mean has a relative error <= ~5 %; the 12 % bound is > 2.4 sigma (the run is
+    seeded, so the test is deterministic), and the ~30 % of the fixcm=True bug is > 6 sigma.
     """
     import multiprocessing as mp
 
@@ -248,7 +249,7 @@ def test_thermostat_holds_the_temperature() -> None:
 
     # a fresh process: tblite's C library cannot load after torch
     with mp.get_context("spawn").Pool(1) as pool:
-        traj = pool.apply(run_md, ("ethanol", 300, TEMPERATURE, 11, 10, 0.5, 400, 0.01))
+        traj = pool.apply(run_md, ("ethanol", 150, TEMPERATURE, 11, 10, 0.5, 200, 0.01))
     assert abs(traj.temperatures.mean() / TEMPERATURE - 1.0) < 0.12
 
 

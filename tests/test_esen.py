@@ -130,9 +130,9 @@ def energies(
     ids=["periodic", "periodic_encoded_forces", "molecules_encoded_forces"],
 )
 def test_conserving_forces_and_stress_are_energy_derivatives(geometry: str, dens: bool) -> None:
-    """F_i = −∂E/∂r_i for every atom and component, and σ = (1/V)·∂E/∂ε for a symmetric strain ε
-    of positions and cell (periodic cells), by central differences in float64; the encoded forces
-    are a constant input, so this holds with DeNS fields too."""
+    """F = −∂E/∂r and σ = (1/V)·∂E/∂ε (symmetric strain ε of positions and cell, periodic cells),
+    by central differences in float64 along random directions of all coordinates (resp. random
+    symmetric strains); the encoded forces are a constant input, so this holds with DeNS fields."""
     periodic = geometry == "periodic"
     model = build(otf_graph=not periodic, use_pbc=periodic, regress_stress=periodic).double()
     batch = GEOMETRIES[geometry]()
@@ -143,37 +143,40 @@ def test_conserving_forces_and_stress_are_energy_derivatives(geometry: str, dens
     if dens:
         assert keys.NOISE_OUTPUT in out and out[keys.NOISE_OUTPUT].dtype == torch.float64
 
+    # Directional derivatives along random directions d of all coordinates at once:
+    # −dE(r + t·d)/dt = Σ_i F_i·d_i (a wrong sign, a missing term or a wrong atom changes it)
     step = 1e-4  # Å; the O(step²) error is ~1e-8 of the forces here, round-off ~1e-12
-    finite = torch.zeros_like(batch.pos)
-    for atom in range(batch.pos.shape[0]):
-        for axis in range(3):
-            shift = torch.zeros_like(batch.pos)
-            shift[atom, axis] = step
-            plus = energies(model, batch, batch.pos + shift, batch.cell).sum()
-            minus = energies(model, batch, batch.pos - shift, batch.cell).sum()
-            finite[atom, axis] = -(plus - minus) / (2 * step)
-    scale = out["forces"].abs().max()
-    assert scale > 1e-2
-    torch.testing.assert_close(out["forces"], finite, rtol=0, atol=1e-6 * scale)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = torch.randn(batch.pos.shape, generator=generator, dtype=torch.float64)
+        plus = energies(model, batch, batch.pos + step * direction, batch.cell)
+        minus = energies(model, batch, batch.pos - step * direction, batch.cell)
+        finite = -(plus - minus) / (2 * step)  # per structure
+        analytic = torch.zeros_like(finite).index_add_(
+            0, batch.batch, (out["forces"] * direction).sum(-1)
+        )
+        scale = (out["forces"].abs() * direction.abs()).sum()
+        assert scale > 1e-2
+        torch.testing.assert_close(analytic, finite, rtol=0, atol=1e-6 * scale)
 
     if not periodic:
         assert "stress" not in out
         return
+    # dE/dt under the symmetric strain t·S of positions and cell = V Σ_ab σ_ab S_ab
     volume = torch.linalg.det(batch.cell).abs()
-    finite_stress = torch.zeros(len(volume), 3, 3, dtype=torch.float64)
-    I = torch.eye(3, dtype=torch.float64)  # noqa: E741
-    for a in range(3):
-        for b in range(3):
-            strain = torch.zeros(3, 3, dtype=torch.float64)
-            strain[a, b] += step / 2
-            strain[b, a] += step / 2  # a step of displacement entry ab, symmetrised as eSEN
-            plus = energies(model, batch, batch.pos @ (I + strain), batch.cell @ (I + strain))
-            minus = energies(model, batch, batch.pos @ (I - strain), batch.cell @ (I - strain))
-            finite_stress[:, a, b] = (plus - minus) / (2 * step) / volume
     stress = out["stress"].view(-1, 3, 3)
-    scale = stress.abs().max()
-    assert scale > 1e-4
-    torch.testing.assert_close(stress, finite_stress, rtol=0, atol=1e-5 * scale)
+    I = torch.eye(3, dtype=torch.float64)  # noqa: E741
+    for _ in range(3):
+        strain = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+        strain = 0.5 * (strain + strain.T)  # eSEN symmetrises its displacement
+        deform_plus, deform_minus = I + step * strain, I - step * strain
+        plus = energies(model, batch, batch.pos @ deform_plus, batch.cell @ deform_plus)
+        minus = energies(model, batch, batch.pos @ deform_minus, batch.cell @ deform_minus)
+        finite = (plus - minus) / (2 * step) / volume
+        analytic = (stress * strain).sum((-1, -2))
+        scale = (stress.abs() * strain.abs()).sum((-1, -2)).max()
+        assert scale > 1e-4
+        torch.testing.assert_close(analytic, finite, rtol=0, atol=1e-5 * scale)
 
 
 # ---- equivariance (float32, the training configuration) ----------------------------------------

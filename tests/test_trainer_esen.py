@@ -106,6 +106,8 @@ def test_one_forward_and_backward_per_mixed_batch(emt_data, tmp_path, monkeypatc
     finite loss, the noise head and the force encoding receive gradients."""
     config = esen_config(emt_data, prob=0.5, sigma_high=0.5)
     config["optim"]["eval_every"] = 10**6
+    config["dataset"]["train"]["train_split_settings"] = {"first_n": 12}  # 3 steps
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 0.5  # one warm-up step
     with trainer_from_config(config, tmp_path) as trainer:
         backbone = trainer._unwrapped_model.backbone
         calls = []
