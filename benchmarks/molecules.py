@@ -25,11 +25,17 @@ Protocol (fixed before any run):
 * Equal epochs and steps for every variant. Each run is its own process with one thread; runs
   are resumable (a run with ``result.json`` is reused).
 
+Model families (``--model``, ``FAMILIES``): ``equiformer_v2`` (direct forces, the variants above)
+and ``esen`` (issue 15: energy-conserving eSEN, forces = −∂E/∂r, no DeNS / DeNS / DeNS without
+force encoding; 100 frames, 150 epochs, sized for one 2-core session; report
+``molecules_esen.{json,md}``).
+
 One command (from the repository root)::
 
     .venv/bin/python benchmarks/molecules.py                       # everything, then the report
     .venv/bin/python benchmarks/molecules.py --molecules ethanol --seeds 0 --variants plain dens
     .venv/bin/python benchmarks/molecules.py --report               # tables and plots only
+    .venv/bin/python benchmarks/molecules.py --model esen --molecules ethanol   # eSEN rows
 
 Writes ``benchmarks/results/molecules.{json,md}`` and ``molecules_curves.png``.
 """
