@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -256,3 +257,48 @@ ESEN_DIRECT_HEADS = {
     "forces": {"module": "esen_linear_force_head"},
 }
 ESEN_NOISE_HEAD = {"dens_noise": {"module": "fairchem_dens.heads.eSENNoiseHead"}}
+
+
+#: Command-line overrides that shrink a run file to 2 training steps of 2 structures (the first 4)
+#: and 2 validation frames; the model and data paths are the caller's.
+TWO_STEP_ARGS = (
+    "--dataset.train.train_split_settings.first_n=4",
+    "--dataset.train.val_split_settings.first_n=2",
+    "--optim.batch_size=2",
+    "--optim.eval_batch_size=2",
+    "--optim.num_workers=0",
+    "--optim.max_epochs=1",
+    "--optim.scheduler_params.warmup_epochs=0.5",  # one warm-up step of the two
+)
+
+
+def train_run_file(path: Path, run_dir: Path, *overrides: str) -> str:
+    """``fairchem --mode train`` on a config file as written, run from ``run_dir`` (another cwd)
+    with command-line ``overrides`` (``TWO_STEP_ARGS`` among them); checks that it trained exactly
+    2 steps and saved a checkpoint, and returns the CLI output."""
+    output = run_cli(
+        "--mode",
+        "train",
+        "--config-yml",
+        str(path),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--print-every",
+        "1",
+        *overrides,
+        cwd=run_dir,
+    )
+    assert "step: 2.00e+00" in output and "step: 3.00e+00" not in output
+    assert list(run_dir.glob("checkpoints/*/checkpoint.pt"))
+    return output
+
+
+def logged_normalizers(output: str) -> dict[str, tuple[float, float]]:
+    """{target: (mean, rmsd)} of the normalizers fairchem logged at start-up."""
+    return {
+        target: (float(mean), float(rmsd))
+        for target, mean, rmsd in re.findall(
+            r"Normalization values for output (\w+): mean=(\S+), rmsd=(\S+?)\.$", output, re.M
+        )
+    }

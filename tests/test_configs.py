@@ -23,7 +23,15 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from helpers import FAIRCHEM, TINY_EQV2, hydra, run_cli, trainer_from_config
+from helpers import (
+    FAIRCHEM,
+    TINY_EQV2,
+    TWO_STEP_ARGS,
+    hydra,
+    logged_normalizers,
+    train_run_file,
+    trainer_from_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -521,13 +529,7 @@ def shrink_args(name: str, data: Path) -> list[str]:
     args += [
         f"--dataset.train.src={data / variant / 'train'}",
         f"--dataset.val.src={data / variant / 'val'}",
-        "--dataset.train.train_split_settings.first_n=4",
-        "--dataset.train.val_split_settings.first_n=2",
-        "--optim.batch_size=2",
-        "--optim.eval_batch_size=2",
-        "--optim.num_workers=0",
-        "--optim.max_epochs=1",
-        "--optim.scheduler_params.warmup_epochs=0.5",  # one warm-up step of the two
+        *TWO_STEP_ARGS,
     ]
     if variant == "oc22":
         npz = data / "oc22" / "element_references.npz"
@@ -547,32 +549,13 @@ CLI_FILES = [name for name in RUN_FILES if name not in RELEASED_FILES] + [
 @pytest.mark.parametrize("name", CLI_FILES)
 def test_run_file_trains_two_steps_through_the_stock_cli(name: str, emt_data, tmp_path) -> None:
     """The file exactly as written (from another cwd), shrunk by command-line overrides only."""
-    output = run_cli(
-        "--mode",
-        "train",
-        "--config-yml",
-        str(CONFIGS / name),
-        "--cpu",
-        "--run-dir",
-        str(tmp_path),
-        "--print-every",
-        "1",
-        *shrink_args(name, emt_data),
-        cwd=tmp_path,
-    )
-    assert "step: 2.00e+00" in output and "step: 3.00e+00" not in output
-    assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))
+    output = train_run_file(CONFIGS / name, tmp_path, *shrink_args(name, emt_data))
     config = load(name)
     if name in DENS_FILES:  # the DeNS trainer ran with the file's λ_DeNS
         assert f"dens_coefficient: {config['optim']['dens']['coefficient']:.2e}" in output
     else:
         assert "loss_dens" not in output
-    logged = {
-        target: (float(mean), float(rmsd))
-        for target, mean, rmsd in re.findall(
-            r"Normalization values for output (\w+): mean=(\S+), rmsd=(\S+?)\.$", output, re.M
-        )
-    }
+    logged = logged_normalizers(output)
     expected = config["dataset"]["train"]["transforms"]["normalizer"]
     assert logged["energy"] == pytest.approx(
         (expected["energy"]["mean"], expected["energy"]["rmsd"]), rel=1e-6

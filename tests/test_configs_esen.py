@@ -20,7 +20,6 @@ import copy
 import functools
 import inspect
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY_ESEN, hydra, random_batch, run_cli, with_dens_fields, write_config
+from helpers import (
+    TINY_ESEN,
+    TWO_STEP_ARGS,
+    hydra,
+    logged_normalizers,
+    random_batch,
+    run_cli,
+    train_run_file,
+    with_dens_fields,
+    write_config,
+)
 
 from fairchem_dens import keys
 
@@ -426,15 +435,6 @@ def molecules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "ethanol"
 
 
-def _logged_normalizers(output: str) -> dict[str, tuple[float, float]]:
-    return {
-        target: (float(mean), float(rmsd))
-        for target, mean, rmsd in re.findall(
-            r"Normalization values for output (\w+): mean=(\S+), rmsd=(\S+?)\.$", output, re.M
-        )
-    }
-
-
 def _data_args(name: str, emt_data: Path, molecules: Path | None) -> list[str]:
     if name.startswith("molecules"):
         assert molecules is not None
@@ -444,13 +444,7 @@ def _data_args(name: str, emt_data: Path, molecules: Path | None) -> list[str]:
     return [
         f"--dataset.train.src={train}",
         f"--dataset.val.src={val}",
-        "--dataset.train.train_split_settings.first_n=4",
-        "--dataset.train.val_split_settings.first_n=2",
-        "--optim.batch_size=2",
-        "--optim.eval_batch_size=2",
-        "--optim.num_workers=0",
-        "--optim.max_epochs=1",
-        "--optim.scheduler_params.warmup_epochs=0.5",  # one warm-up step of the two
+        *TWO_STEP_ARGS,
     ]
 
 
@@ -463,22 +457,9 @@ def test_run_file_trains_two_steps_through_the_stock_cli(
     molecules = request.getfixturevalue("molecules") if name.startswith("molecules") else None
     if molecules is not None:
         pytest.importorskip("torch_cluster")  # use_pbc: false (torch_geometric's radius_graph)
-    output = run_cli(
-        "--mode",
-        "train",
-        "--config-yml",
-        str(CONFIGS / name),
-        "--cpu",
-        "--run-dir",
-        str(tmp_path),
-        "--print-every",
-        "1",
-        *SHRINK,
-        *_data_args(name, emt_data, molecules),
-        cwd=tmp_path,
+    output = train_run_file(
+        CONFIGS / name, tmp_path, *SHRINK, *_data_args(name, emt_data, molecules)
     )
-    assert "step: 2.00e+00" in output and "step: 3.00e+00" not in output
-    assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))
     config = load(name)
     if name in DENS_FILES:
         assert "loss_dens" in output and "dens_coefficient" in output
@@ -486,7 +467,7 @@ def test_run_file_trains_two_steps_through_the_stock_cli(
             assert f"dens_coefficient: {config['optim']['dens']['coefficient']:.2e}" in output
     else:
         assert "loss_dens" not in output
-    logged = _logged_normalizers(output)
+    logged = logged_normalizers(output)
     assert logged["forces"][0] == 0.0 and logged["forces"][1] == logged["energy"][1]
     if name.startswith("oc20"):
         assert logged["energy"][1] == pytest.approx(OC20_NORMALIZER["energy"]["rmsd"], rel=1e-6)
@@ -536,7 +517,7 @@ def test_demo_trains_predicts_and_relaxes_through_the_stock_cli(demo_root: Path)
     assert "step: 2.00e+00" in output and "step: 3.00e+00" not in output
     for term in ("loss_energy", "loss_forces", "loss_dens", "dens_structure_fraction"):
         assert f"{term}:" in output
-    logged = _logged_normalizers(output)
+    logged = logged_normalizers(output)
     assert logged["energy"][1] == logged["forces"][1] == pytest.approx(DEMO_ENERGY_STD)
     checkpoint = next(run.glob("checkpoints/*-train/checkpoint.pt"))
 
@@ -674,5 +655,5 @@ def test_conserving_esen_with_stress_trains_with_dens_on_bulk(bulk_data: Path, t
     for term in ("loss_energy", "loss_forces", "loss_stress", "loss_dens"):
         assert f"{term}:" in output
     assert "stress_mae" in output  # validated
-    logged = _logged_normalizers(output)
+    logged = logged_normalizers(output)
     assert logged["stress"] == logged["forces"] == (0.0, logged["energy"][1])

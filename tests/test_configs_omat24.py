@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import hydra, run_cli
+from helpers import TWO_STEP_ARGS, hydra, train_run_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DENS_FILE = "omat24/equiformer_v2_dens.yml"
@@ -143,30 +143,10 @@ def test_dens_run_file_trains_two_steps_through_the_stock_cli(bulk_data, tmp_pat
     args += [
         f"--dataset.train.src={bulk_data / 'train'}",
         f"--dataset.val.src={bulk_data / 'val'}",
-        "--dataset.train.train_split_settings.first_n=4",
-        "--dataset.train.val_split_settings.first_n=2",
-        "--optim.batch_size=2",
-        "--optim.eval_batch_size=2",
-        "--optim.num_workers=0",
-        "--optim.max_epochs=1",
-        "--optim.scheduler_params.warmup_epochs=0.5",
+        *TWO_STEP_ARGS,
         "--optim.eval_every=2",  # validate and save after the second step
     ]
-    output = run_cli(
-        "--mode",
-        "train",
-        "--config-yml",
-        str(CONFIGS / DENS_FILE),
-        "--cpu",
-        "--run-dir",
-        str(tmp_path),
-        "--print-every",
-        "1",
-        *args,
-        cwd=tmp_path,
-    )
-    assert "step: 2.00e+00" in output and "step: 3.00e+00" not in output
+    output = train_run_file(CONFIGS / DENS_FILE, tmp_path, *args)
     assert "dens_coefficient: 1.00e+01" in output and "loss_stress_anisotropic" in output
     fitted = set(re.findall(r"Normalization values for output (\w+):", output))
     assert {"forces", "stress_isotropic", "stress_anisotropic"} <= fitted
-    assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))

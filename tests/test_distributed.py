@@ -364,10 +364,9 @@ def esen_run(emt_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("distributed_esen") / "skewed"
     config = esen_config(emt_data, prob=0.5)
     recording = recording_config(emt_data, dataset="SkewedDeNSLmdbDataset", prob=0.5)
+    transforms = config["dataset"]["train"]["transforms"]  # forces σ = energy σ
     config = {**recording, "model": config["model"]}
-    config["dataset"]["train"]["transforms"] = esen_config(emt_data)["dataset"]["train"][
-        "transforms"
-    ]
+    config["dataset"]["train"]["transforms"] = transforms
     launch(config, run, "--local", "--num-ranks", "2")
     return run
 
