@@ -172,9 +172,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "noise_head": "fairchem_dens.heads.eSENNoiseHead",
         "variants": ["plain", "dens", "dens_nofe"],
         "gradient_forces": True,
-        # sized to run 3 variants x 3 seeds in one 2-core session: ~0.3 s of CPU per step (a
-        # second-order backward per step; measured with fewer layers and channels it hardly
-        # drops), so 100 frames x 150 epochs = 1950 steps per run
+        # sized to run 3 variants x 3 seeds in one 2-core session (a second-order backward
+        # per step: 0.70-0.86 s per step in the committed runs, on shared cores):
+        # 100 frames x 150 epochs = 1950 steps per run
         "train_frames": 100,
         "epochs": {"ethanol": 150, "aspirin": 150},
         "evals": 3,
